@@ -1,0 +1,116 @@
+"""Command line: parse, call, print. Errors in the user's input print one paragraph, exit 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from peftlab.errors import PeftlabError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="peftlab: compare ways of adapting small seq2seq models, honestly.")
+console = Console()
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option(help="show tracebacks for errors")] = False) -> None:
+    _state["debug"] = debug
+
+
+def _guarded(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except PeftlabError as e:
+        if _state["debug"]:
+            raise
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+@app.command("train")
+def train_cmd(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="run config YAML")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="key=value override")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Train one run into its output folder."""
+    from peftlab.config import load_run_config
+    from peftlab.run import run
+
+    def go() -> dict:
+        cfg = load_run_config(config, set_ or [])
+        return run(cfg, progress=not quiet)
+
+    summary = _guarded(go)
+    metric = summary["selection_metric"]
+    console.print(
+        f"[bold]{summary['status']}[/]: {summary['method']} on {summary['task']}, "
+        f"best step {summary['best_step']}, val {metric} {summary['val_metrics'].get(metric):.4g}, "
+        f"test {json.dumps({k: round(v, 4) for k, v in summary['test_metrics'].items()})}"
+    )
+    if summary["status"] != "completed":
+        raise typer.Exit(1)
+
+
+@app.command("eval")
+def eval_cmd(
+    run_dir: Annotated[Path, typer.Option("--run", help="a run's output folder")],
+    split: Annotated[str, typer.Option(help="test or validation")] = "test",
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Re-evaluate a saved run (base model + saved state) on one split."""
+    from peftlab.run import reevaluate
+
+    if split not in ("test", "validation"):
+        err_console.print(f"[bold red]error:[/] --split must be test or validation, got {split!r}")
+        raise typer.Exit(2)
+    result = _guarded(lambda: reevaluate(run_dir, split, progress=not quiet))
+    console.print(json.dumps(result.metrics, indent=2))
+
+
+@app.command("methods")
+def methods_cmd(
+    model: Annotated[str, typer.Option(help="hub id, local folder or preset")] = "google/flan-t5-small",
+) -> None:
+    """List the methods with their default settings and exact trainable-parameter counts."""
+    import torch
+
+    from peftlab.methods import METHODS, Baseline, MethodContext
+    from peftlab.models import count_parameters, default_tokenizer_for, load_model
+
+    table = Table(title=f"methods on {model} (inference-time parameters)")
+    for col in ("method", "trainable", "% of total", "default lr", "default settings"):
+        table.add_column(col, overflow="fold")
+
+    def rows() -> None:
+        for name, m in METHODS.items():
+            settings = json.dumps(m.Args().model_dump())
+            if isinstance(m, Baseline):
+                table.add_row(name, "0 (no model)", "-", "-", settings)
+                continue
+            base = load_model(model)
+            total = count_parameters(base)
+            torch.manual_seed(0)
+            adapted = m.apply(base, m.Args(), MethodContext(default_tokenizer_for(model), 1), False)
+            trainable = sum(t.numel() for t in m.export_state(adapted).values())
+            total += trainable if m.adds_parameters else 0
+            lr = "-" if m.default_learning_rate is None else f"{m.default_learning_rate:g}"
+            table.add_row(name, f"{trainable:,}", f"{100 * trainable / total:.4f}", lr, settings)
+
+    _guarded(rows)
+    console.print(table)
+    for name, m in METHODS.items():
+        console.print(f"  [bold]{name}[/]: {m.summary}", highlight=False)
+
+
+def run() -> None:  # pragma: no cover - console entry point convenience
+    app(sys.argv[1:])

@@ -1,0 +1,180 @@
+"""Typed run config: YAML file + `--set key=value` overrides, validated, unknown keys rejected.
+
+`load_run_config` returns a `RunConfig` whose `method_args` and `task_args` are already
+validated against the chosen method's and task's own schemas and filled with their defaults,
+so that the `config.yaml` written beside every run is the complete, resolved config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from peftlab.errors import ConfigError, did_you_mean
+
+DEFAULT_MODEL = "google/flan-t5-small"
+
+
+class RunConfig(BaseModel):
+    """Everything that defines one run. Each field's description is its help text."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str = Field(DEFAULT_MODEL, description="HF hub id, local folder, or preset name")
+    tokenizer: str | None = Field(None, description="HF hub id or local folder; default: model's")
+    task: str = Field("sst2", description="task name (sst2, samsum, custom)")
+    task_args: dict[str, Any] = Field(default_factory=dict, description="the task's own settings")
+    method: str = Field("lora", description="adaptation method name")
+    method_args: dict[str, Any] = Field(default_factory=dict, description="the method's settings")
+    train_size: int | Literal["all"] = Field(64, description="training examples drawn with seed")
+    val_size: int | Literal["all"] = Field(200, description="validation examples (fixed draw)")
+    test_size: int | Literal["all"] = Field("all", description="test examples; 'all' for papers")
+    seed: int = Field(0, ge=0)
+    learning_rate: float | None = Field(None, gt=0, description="None: the method's default")
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum_steps: int = Field(1, ge=1)
+    max_steps: int = Field(200, ge=0, description="optimizer steps")
+    warmup_ratio: float = Field(0.06, ge=0, le=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_every: int = Field(50, ge=1, description="evaluate on validation every N steps")
+    log_every: int = Field(10, ge=1)
+    early_stopping_patience: int | None = Field(None, ge=1, description="evaluations")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU"
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    eval_batch_size: int = Field(32, ge=1)
+    max_source_length: int | None = Field(None, ge=1, description="None: the task's default")
+    max_target_length: int | None = Field(None, ge=1, description="None: the task's default")
+    max_new_tokens: int | None = Field(None, ge=1, description="None: the task's default")
+    num_beams: int = Field(1, ge=1, description="1: greedy decoding")
+    selection_metric: str | None = Field(None, description="None: the task's primary metric")
+    output_dir: str = "runs/run"
+
+    @field_validator("train_size", "val_size", "test_size")
+    @classmethod
+    def _positive_size(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be a positive number of examples or 'all'")
+        return v
+
+
+def parse_set(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (['a', 'b'], value parsed as a YAML scalar)."""
+    if "=" not in item:
+        raise ConfigError(f"--set `{item}`: expected key=value")
+    key, raw = item.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"--set `{item}`: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set `{item}`: cannot parse value: {e}") from None
+    return key.strip().split("."), value
+
+
+def apply_sets(raw: dict[str, Any], sets: list[str]) -> dict[str, Any]:
+    for item in sets:
+        path, value = parse_set(item)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set `{item}`: `{part}` is not a mapping")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping; errors name the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{where}: malformed YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def format_validation_error(err: ValidationError, prefix: str = "", schema: Any = None) -> str:
+    """One line per problem: `field.path: message`, with did-you-mean for unknown keys."""
+    lines = []
+    known = list(schema.model_fields) if schema is not None else []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        field = f"{prefix}{loc}" if loc else prefix.rstrip(".") or "config"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown key `{field}`{did_you_mean(str(e['loc'][-1]), known)}")
+        else:
+            got = e.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"`{field}`: {e['msg']}{shown}")
+    return "; ".join(lines)
+
+
+def validate_args(schema: type[BaseModel], args: dict[str, Any], prefix: str) -> BaseModel:
+    """Validate a method's or task's own settings against its schema."""
+    if not isinstance(args, dict):
+        raise ConfigError(f"`{prefix.rstrip('.')}` must be a mapping, got {type(args).__name__}")
+    try:
+        return schema.model_validate(args)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, prefix, schema)) from None
+
+
+def load_run_config(path: str | Path | None = None, sets: list[str] | None = None) -> RunConfig:
+    """Read, override, validate and resolve a run config (defaults filled in everywhere)."""
+    from peftlab.methods import get_method
+    from peftlab.models import default_tokenizer_for
+    from peftlab.tasks import get_task
+
+    raw = read_yaml_mapping(path) if path is not None else {}
+    raw = apply_sets(raw, sets or [])
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, "", RunConfig)) from None
+    method = get_method(cfg.method)
+    task = get_task(cfg.task)
+    method_args = validate_args(method.Args, cfg.method_args, "method_args.")
+    task_args = validate_args(task.Args, cfg.task_args, "task_args.")
+    updates: dict[str, Any] = {
+        "method_args": method_args.model_dump(),
+        "task_args": task_args.model_dump(),
+    }
+    if cfg.learning_rate is None:
+        updates["learning_rate"] = method.default_learning_rate
+    built = task.build(task_args)  # cheap: data is read only when the run starts
+    for key in ("max_source_length", "max_target_length", "max_new_tokens"):
+        if getattr(cfg, key) is None:
+            updates[key] = getattr(built, key)
+    updates["selection_metric"] = cfg.selection_metric or built.primary_metric
+    valid = {"loss", built.primary_metric, *_TASK_METRICS[built.kind]}
+    if updates["selection_metric"] not in valid:
+        raise ConfigError(f"`selection_metric`: {updates['selection_metric']!r} is not one of "
+                          f"{sorted(valid)}{did_you_mean(updates['selection_metric'], valid)}")
+    if cfg.tokenizer is None:
+        updates["tokenizer"] = default_tokenizer_for(cfg.model)
+    return cfg.model_copy(update=updates)
+
+
+_TASK_METRICS = {
+    "classification": ("accuracy", "generation_exact_match"),
+    "generation": ("rouge1", "rouge2", "rougeL", "rougeLsum"),
+}

@@ -1,0 +1,35 @@
+"""User-facing errors: the CLI prints their message (no traceback) and exits non-zero."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class PeftlabError(Exception):
+    """An error caused by the user's input or environment, with a message that says what to fix."""
+
+
+class ConfigError(PeftlabError):
+    """A config value is missing, unknown or out of range."""
+
+
+class DataError(PeftlabError):
+    """A data file is missing or malformed; the message names the file and line."""
+
+
+class ModelLoadError(PeftlabError):
+    """A model or tokenizer could not be loaded."""
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """' (did you mean `x`?)' for the closest choice, or '' when nothing is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+def unknown_name(kind: str, name: str, choices: Iterable[str]) -> ConfigError:
+    choices = sorted(choices)
+    return ConfigError(
+        f"unknown {kind} `{name}`{did_you_mean(name, choices)}; choose one of: {', '.join(choices)}"
+    )

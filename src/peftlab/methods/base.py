@@ -1,0 +1,114 @@
+"""The one small interface every adaptation method implements.
+
+A method takes a loaded model and its validated settings, marks what trains (and adds
+whatever it adds), and can export exactly what was trained in its inference-time form:
+`export_state` is what is saved (safetensors), counted as the trainable parameters, and
+loaded back by `load_state`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from peftlab.errors import ConfigError, PeftlabError, did_you_mean
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What a method may need besides the model: the tokenizer folder, the step budget."""
+
+    tokenizer_path: str
+    max_steps: int
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The default export: every parameter that trains (shared tensors once)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_named_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy saved tensors into the model's parameters of the same names, checking shapes."""
+    params = dict(model.named_parameters())
+    for name, tensor in state.items():
+        if name not in params:
+            raise PeftlabError(
+                f"checkpoint tensor `{name}` has no parameter of that name in the model: "
+                "the checkpoint belongs to another method, model or setting"
+            )
+        if params[name].shape != tensor.shape:
+            raise PeftlabError(
+                f"checkpoint tensor `{name}` has shape {tuple(tensor.shape)}, the model's "
+                f"parameter has {tuple(params[name].shape)}"
+            )
+        with torch.no_grad():
+            params[name].copy_(tensor)
+
+
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One adaptation method. `apply(model, args, ctx, for_inference)` returns the model to use
+    (possibly a wrapper); `for_inference=True` builds the form a saved state loads into."""
+
+    name: str
+    Args: type[BaseModel]
+    apply: Callable[[nn.Module, BaseModel, MethodContext, bool], nn.Module]
+    default_learning_rate: float | None
+    adds_parameters: bool  # False: it trains existing weights (full, ln)
+    summary: str
+    export_state: Callable[[nn.Module], dict[str, torch.Tensor]] = trainable_state
+    load_state: Callable[[nn.Module, dict[str, torch.Tensor]], None] = load_named_state
+    on_step: Callable[[nn.Module, int], None] = field(default=lambda model, step: None)
+
+    @property
+    def trains(self) -> bool:
+        return self.default_learning_rate is not None
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A model-free reference (majority class, lead-3): predictions from the data alone."""
+
+    name: str
+    Args: type[BaseModel]
+    task_kind: str
+    predict: Callable[[list, list], list[str]]  # (train examples, eval examples) -> outputs
+    summary: str
+    default_learning_rate: None = None
+    trains: bool = False
+
+
+def module_names(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_modules() if n]
+
+
+def check_targets(names: Iterable[str], targets: Iterable[str] | str | None, field_name: str) -> None:
+    """Every target must match at least one module, with peft's matching rule.
+
+    peft only fails when *no* target matches, so `["q", "wi"]` on Flan-T5 (whose gated
+    feed-forward is `wi_0`/`wi_1`) would silently adapt `q` alone.
+    """
+    names = list(names)
+    if targets is None:
+        return
+    if isinstance(targets, str):
+        if not any(re.fullmatch(targets, n) for n in names):
+            raise ConfigError(f"`{field_name}`: regex {targets!r} matches no module of the model")
+        return
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    for t in targets:
+        if not any(n == t or n.endswith("." + t) for n in names):
+            raise ConfigError(
+                f"`{field_name}`: `{t}` matches no module of the model{did_you_mean(t, leaves)}; "
+                f"module names end with: {', '.join(x for x in leaves if not x.isdigit())}"
+            )

@@ -1,0 +1,30 @@
+"""LoRA (Hu et al. 2021) via peft. Defaults r=8, alpha=16 on q and v: the seed study's settings."""
+
+from __future__ import annotations
+
+from peft import LoraConfig, TaskType
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from peftlab.methods.base import Method, MethodContext
+from peftlab.methods.peft_common import wrap
+
+
+class Args(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    r: int = Field(8, ge=1, description="rank")
+    alpha: float = Field(16.0, gt=0, description="scaling numerator: updates scale by alpha/r")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q", "v"], min_length=1)
+
+
+def apply(model: nn.Module, args: Args, ctx: MethodContext, for_inference: bool) -> nn.Module:
+    config = LoraConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM, r=args.r, lora_alpha=args.alpha,
+        lora_dropout=args.dropout, target_modules=list(args.target_modules), bias="none",
+    )
+    return wrap(model, config, "method_args.target_modules")
+
+
+METHOD = Method("lora", Args, apply, default_learning_rate=1e-3, adds_parameters=True,
+                summary="LoRA via peft: low-rank updates of the target projections")

@@ -1,0 +1,215 @@
+"""Prefix tuning (Li & Liang 2021) for T5-style encoder-decoders, written here.
+
+Why not peft: in peft 0.21 a T5 model's prefixes reach only the decoder self-attention (they
+travel as a KV cache, which the encoder and cross-attention never read), and the default
+PrefixTuningConfig crashes when d_model != num_heads * d_kv, as in Flan-T5-small. Li & Liang
+put learned key/value prefixes in every attention: encoder self-attention, decoder
+self-attention and decoder cross-attention. That is what this module does.
+
+How: a custom attention function (transformers' AttentionInterface) prepends each attention
+module's prefix keys and values right before the scores are computed, after any KV-cache
+update, so the cache holds only real tokens and generation with a cache stays correct. The
+prefix positions get no relative-position bias and are never masked.
+
+Training can use Li & Liang's MLP reparameterisation (a small embedding through a 2-layer
+tanh MLP); `export_state` folds it into plain prefixes, which is what is saved, counted and
+used at inference.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.models.t5.modeling_t5 import T5Attention, eager_attention_forward
+
+from peftlab.methods.base import Method, MethodContext, freeze, load_named_state
+
+ATTN_NAME = "peftlab_prefix"
+KINDS = ("encoder", "decoder_self", "decoder_cross")
+
+
+class Args(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    num_prefix_tokens: int = Field(20, ge=1)
+    reparameterize: bool = Field(True, description="Li & Liang's MLP during training")
+    hidden_size: int = Field(512, ge=1, description="MLP hidden width")
+    init: Literal["random", "vocab"] = Field(
+        "random", description="vocab: activations of sampled real tokens (plain prefixes only)"
+    )
+    kinds: list[Literal["encoder", "decoder_self", "decoder_cross"]] = Field(
+        default_factory=lambda: list(KINDS), min_length=1, description="which attentions"
+    )
+
+    @model_validator(mode="after")
+    def _init_needs_plain(self) -> Args:
+        if self.init == "vocab" and self.reparameterize:
+            raise ValueError("init: vocab sets plain prefixes; use it with reparameterize: false")
+        return self
+
+
+def prefixed_attention(module, query, key, value, attention_mask, **kwargs):
+    """Eager T5 attention with the module's prefix keys/values (if any) in front."""
+    prefix = getattr(module, "peftlab_prefix", None)
+    if prefix is not None:
+        pk, pv = prefix()  # (heads, N, d_kv) each
+        batch, n = query.shape[0], pk.shape[1]
+        key = torch.cat([pk.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)
+        value = torch.cat([pv.to(value.dtype).expand(batch, -1, -1, -1), value], dim=2)
+        if attention_mask is not None:
+            pad = attention_mask.new_zeros((*attention_mask.shape[:-1], n))
+            if attention_mask.dtype == torch.bool:
+                pad = pad.logical_not()
+            attention_mask = torch.cat([pad, attention_mask], dim=-1)
+        bias = kwargs.get("position_bias")
+        if bias is not None:
+            kwargs["position_bias"] = torch.cat([bias.new_zeros((*bias.shape[:-1], n)), bias], -1)
+    return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTN_NAME, prefixed_attention)
+# Eager-style masks: always explicit float masks, never "None means causal" as with sdpa.
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+
+
+def attention_modules(model: nn.Module) -> dict[str, list[T5Attention]]:
+    """Every T5 attention module of the model by kind, in layer order."""
+    out: dict[str, list[T5Attention]] = {k: [] for k in KINDS}
+    for stack_name, stack in (("encoder", model.encoder), ("decoder", model.decoder)):
+        for block in stack.block:
+            for layer in block.layer:
+                if hasattr(layer, "SelfAttention"):
+                    out["encoder" if stack_name == "encoder" else "decoder_self"].append(
+                        layer.SelfAttention
+                    )
+                if hasattr(layer, "EncDecAttention"):
+                    out["decoder_cross"].append(layer.EncDecAttention)
+    return out
+
+
+class PrefixStore(nn.Module):
+    """The prefixes of every attention: plain tensors, or an embedding + MLP per kind."""
+
+    def __init__(self, layers: dict[str, int], heads: int, d_kv: int, d_model: int,
+                 args: Args, plain: bool):
+        super().__init__()
+        self.layers, self.heads, self.d_kv, self.n = layers, heads, d_kv, args.num_prefix_tokens
+        self.plain = plain
+        self._current: dict[str, torch.Tensor] = {}
+        if plain:
+            self.prefixes = nn.ParameterDict({
+                k: nn.Parameter(torch.randn(self._shape(k)) * 0.5) for k in layers
+            })
+        else:
+            width = 2 * heads * d_kv
+            self.embeddings = nn.ParameterDict({
+                k: nn.Parameter(torch.randn(self.n, d_model)) for k in layers
+            })
+            self.mlps = nn.ModuleDict({
+                k: nn.Sequential(nn.Linear(d_model, args.hidden_size), nn.Tanh(),
+                                 nn.Linear(args.hidden_size, layers[k] * width))
+                for k in layers
+            })
+
+    def _shape(self, kind: str) -> tuple[int, ...]:
+        return (self.layers[kind], 2, self.heads, self.n, self.d_kv)
+
+    def compute(self, kind: str) -> torch.Tensor:
+        """(layers, 2, heads, N, d_kv) for one kind."""
+        if self.plain:
+            return self.prefixes[kind]
+        out = self.mlps[kind](self.embeddings[kind])  # (N, layers * 2 * heads * d_kv)
+        return out.view(self.n, self.layers[kind], 2, self.heads, self.d_kv).permute(1, 2, 3, 0, 4)
+
+    def refresh(self, kinds: tuple[str, ...]) -> None:
+        # Computed once per stack forward, not once per attention module.
+        for k in kinds:
+            if k in self.layers:
+                self._current[k] = self.compute(k)
+
+    def get(self, kind: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = self._current[kind][layer]
+        return kv[0], kv[1]
+
+    def make_plain(self) -> None:
+        """Drop the MLP: from now on the (folded) prefixes are plain parameters."""
+        if self.plain:
+            return
+        folded = {k: self.compute(k).detach().clone() for k in self.layers}
+        del self.embeddings, self.mlps
+        self.prefixes = nn.ParameterDict({k: nn.Parameter(v) for k, v in folded.items()})
+        self.plain = True
+
+    def folded(self) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {f"peftlab_prefix.prefixes.{k}": self.compute(k).detach().clone()
+                    for k in self.layers}
+
+
+def _vocab_init(model: nn.Module, store: PrefixStore, modules: dict[str, list]) -> None:
+    """Li & Liang: initialise with the activations of real words (here: sampled tokens)."""
+    vocab = model.config.vocab_size
+    tokens = torch.randint(100, min(vocab, 32000), (1, store.n))
+    captured: dict[int, torch.Tensor] = {}
+    hooks = []
+    for kind in store.layers:
+        for attn in modules[kind]:
+            for proj in (attn.k, attn.v):
+                hooks.append(proj.register_forward_hook(
+                    lambda m, i, o: captured.__setitem__(id(m), o.detach())))
+    with torch.no_grad():
+        model(input_ids=tokens, decoder_input_ids=tokens)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        for kind in store.layers:
+            for layer, attn in enumerate(modules[kind]):
+                for j, proj in enumerate((attn.k, attn.v)):
+                    act = captured[id(proj)][0]  # (N, heads * d_kv)
+                    store.prefixes[kind][layer, j] = act.view(store.n, store.heads, store.d_kv) \
+                        .transpose(0, 1)
+
+
+def apply(model: nn.Module, args: Args, ctx: MethodContext, for_inference: bool) -> nn.Module:
+    if not hasattr(model, "encoder") or not hasattr(model, "decoder"):
+        raise ValueError("prefix: needs an encoder-decoder model with T5 attention")
+    freeze(model)
+    modules = {k: v for k, v in attention_modules(model).items() if k in args.kinds and v}
+    if not modules:
+        raise ValueError("prefix: the model has no T5 attention modules")
+    first = next(iter(modules.values()))[0]
+    store = PrefixStore(
+        {k: len(v) for k, v in modules.items()}, first.n_heads, first.key_value_proj_dim,
+        model.config.d_model, args, plain=for_inference or not args.reparameterize,
+    )
+    if args.init == "vocab" and not for_inference:
+        _vocab_init(model, store, modules)
+    model.peftlab_prefix = store  # a submodule: its parameters train and save with the model
+    for kind, attns in modules.items():
+        for layer, attn in enumerate(attns):
+            attn.peftlab_prefix = functools.partial(store.get, kind, layer)
+    model.encoder.register_forward_pre_hook(lambda m, a: store.refresh(("encoder",)))
+    model.decoder.register_forward_pre_hook(
+        lambda m, a: store.refresh(("decoder_self", "decoder_cross")))
+    model.set_attn_implementation(ATTN_NAME)
+    return model
+
+
+def export_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return model.peftlab_prefix.folded()
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Saved prefixes are folded: a model still carrying its training MLP drops it first."""
+    model.peftlab_prefix.make_plain()
+    load_named_state(model, state)
+
+
+METHOD = Method("prefix", Args, apply, default_learning_rate=5e-3, adds_parameters=True,
+                summary="prefix tuning (Li & Liang): learned key/value prefixes in every attention",
+                export_state=export_state, load_state=load_state)

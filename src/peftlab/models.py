@@ -1,0 +1,117 @@
+"""Load a seq2seq model and tokenizer: HF hub id, local folder, or a random-initialised preset.
+
+Presets exist because no pretrained Flan-T5 weights can be downloaded in offline places (CI,
+clusters without internet): they have the real architecture, with random weights drawn from a
+fixed seed so every run of a study starts from the same "checkpoint", as with real weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerBase, T5Config
+
+from peftlab.errors import ModelLoadError
+
+PRESET_INIT_SEED = 0
+FLAN_T5_SMALL_TOKENIZER = "google/flan-t5-small"
+
+# Both presets keep d_model != num_heads * d_kv (512 vs 384 in Flan-T5-small): several PEFT
+# code paths assume they are equal and break on the real geometry.
+PRESETS: dict[str, dict] = {
+    "t5-tiny": dict(
+        d_model=64, d_kv=8, num_heads=4, d_ff=256, num_layers=2, num_decoder_layers=2,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128,
+    ),
+    "flan-t5-small-random": dict(
+        d_model=512, d_kv=64, num_heads=6, d_ff=1024, num_layers=8, num_decoder_layers=8,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128,
+    ),
+}
+_COMMON = dict(
+    vocab_size=32128, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new",
+    dropout_rate=0.1, layer_norm_epsilon=1e-6, initializer_factor=1.0, is_encoder_decoder=True,
+    pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    # transformers 5 ties input and output embeddings unless told otherwise; Flan-T5 does not
+    # (tied: 60.5M parameters instead of the real 76,961,152).
+    tie_word_embeddings=False,
+)
+
+
+def _untie_lm_head(model: nn.Module) -> None:
+    """Give the preset its own output embedding, as Flan-T5 has.
+
+    T5Config in transformers 5 forces `tie_word_embeddings=True` at construction, so a model
+    built from a config shares `lm_head` with the input embedding (60.5M parameters instead of
+    76,961,152). Real checkpoints are untied on load because both tensors are in the file.
+    """
+    model.config.tie_word_embeddings = False
+    model.all_tied_weights_keys.pop("lm_head.weight", None)
+    std = model.config.initializer_factor * 1.0  # T5's init for an untied lm_head
+    model.lm_head.weight = nn.Parameter(torch.randn_like(model.lm_head.weight) * std)
+
+
+def preset_config(name: str) -> T5Config:
+    return T5Config(**_COMMON, **PRESETS[name])
+
+
+def default_tokenizer_for(model: str) -> str:
+    """Presets use the real Flan-T5 tokenizer: a local copy under PEFTLAB_DATA_DIR if there."""
+    if model not in PRESETS:
+        return model
+    data_dir = os.environ.get("PEFTLAB_DATA_DIR")
+    if data_dir and (Path(data_dir) / "flan-t5-small-tokenizer").is_dir():
+        return str(Path(data_dir) / "flan-t5-small-tokenizer")
+    return FLAN_T5_SMALL_TOKENIZER
+
+
+def _offline_hint(name: str, what: str) -> str:
+    return (
+        f"could not load {what} `{name}`. If this machine has no internet, download it "
+        f"elsewhere (`huggingface-cli download {name} --local-dir DIR`) and set "
+        f"`{what}: DIR` in the config, or use a random preset for smoke tests "
+        f"({', '.join(PRESETS)})."
+    )
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    if Path(name).exists() and not Path(name).is_dir():
+        raise ModelLoadError(f"tokenizer path `{name}` is a file; point at the folder holding it")
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as e:  # HF raises OSError, ValueError, HTTP errors...
+        raise ModelLoadError(f"{_offline_hint(name, 'tokenizer')} ({type(e).__name__}: {e})") from e
+
+
+def load_model(name: str) -> nn.Module:
+    """A seq2seq LM in fp32 and eval mode: a preset, a local folder with weights, or a hub id."""
+    if name in PRESETS:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(PRESET_INIT_SEED)
+            model = AutoModelForSeq2SeqLM.from_config(preset_config(name))
+            _untie_lm_head(model)
+        return model.eval()
+    path = Path(name)
+    if path.is_dir():
+        weights = [*path.glob("*.safetensors"), *path.glob("*.bin"), *path.glob("*.safetensors.*")]
+        if not (path / "config.json").is_file() or not weights:
+            raise ModelLoadError(
+                f"model folder `{name}` has no config.json and weights (*.safetensors); "
+                "save one with `model.save_pretrained(DIR)` or use a preset "
+                f"({', '.join(PRESETS)})"
+            )
+    elif path.suffix or name.startswith((".", "/")):
+        raise ModelLoadError(f"model folder `{name}` does not exist")
+    try:
+        model = AutoModelForSeq2SeqLM.from_pretrained(name, dtype=torch.float32)
+    except Exception as e:
+        raise ModelLoadError(f"{_offline_hint(name, 'model')} ({type(e).__name__}: {e})") from e
+    return model.eval()
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (shared tensors counted once)."""
+    return sum(p.numel() for p in model.parameters())

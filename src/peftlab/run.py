@@ -1,0 +1,237 @@
+"""One run, end to end: set up, train, select on validation, test once, write the record.
+
+What a run leaves in `output_dir` (the study runner and the report read only these):
+  config.yaml              the fully resolved config
+  metrics.jsonl            one row per logging or evaluation step (step 0 included)
+  summary.json             status, parameter counts, best step, validation and test metrics...
+  predictions/test.jsonl   one row per test example (id, reference, prediction, score)
+  adapter.safetensors      what was trained, at the selected step (inference form)
+Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from peftlab import __version__
+from peftlab.config import RunConfig
+from peftlab.data import Features, tokenize
+from peftlab.errors import PeftlabError
+from peftlab.evaluate import EvalResult, EvalSettings, evaluate_model, evaluate_predictions
+from peftlab.files import save_tensors, write_json, write_jsonl, write_yaml
+from peftlab.methods import Baseline, Method, MethodContext, get_method
+from peftlab.models import count_parameters, default_tokenizer_for, load_model, load_tokenizer
+from peftlab.tasks import Splits, Task, build_task, prepare_splits
+from peftlab.train import train
+
+ADAPTER_FILE = "adapter.safetensors"
+
+
+def resolve_device(cfg: RunConfig) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise PeftlabError("`device: cuda` but no CUDA device is available")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def use_bf16(cfg: RunConfig, device: torch.device) -> bool:
+    """auto: bf16 autocast on a GPU that supports it; fp32 on CPU (measured there: issue 4)."""
+    if cfg.precision == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return cfg.precision == "bf16"
+
+
+def selection_of(cfg: RunConfig, task: Task) -> tuple[str, bool]:
+    metric = cfg.selection_metric or task.primary_metric
+    return metric, (metric != "loss" and task.higher_is_better)
+
+
+def environment() -> dict[str, Any]:
+    import peft
+    import transformers
+
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+            text=True, timeout=5,
+        )
+        commit = done.stdout.strip() if done.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "versions": {"peftlab": __version__, "python": platform.python_version(),
+                     "torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__},
+        "git_commit": commit,
+    }
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+@dataclass
+class Setup:
+    """Everything a run needs, built from a resolved config (also used by `peftlab eval`)."""
+
+    cfg: RunConfig
+    task: Task
+    splits: Splits
+    method: Method | Baseline
+    tokenizer: PreTrainedTokenizerBase | None = None
+    model: torch.nn.Module | None = None
+    base_params: int = 0
+    device: torch.device = torch.device("cpu")
+    bf16: bool = False
+
+    def features(self, split: str) -> Features:
+        examples = getattr(self.splits, split)
+        return tokenize(self.tokenizer, examples, self.cfg.max_source_length,
+                        self.cfg.max_target_length)
+
+    def eval_settings(self, progress: bool) -> EvalSettings:
+        return EvalSettings(self.cfg.eval_batch_size, self.cfg.max_new_tokens, self.cfg.num_beams,
+                            self.device, self.bf16, pad_id=self.tokenizer.pad_token_id,
+                            progress=progress)
+
+    def evaluate(self, split: str, features: Features | None = None,
+                 progress: bool = True) -> EvalResult:
+        examples = getattr(self.splits, split)
+        if isinstance(self.method, Baseline):
+            return evaluate_predictions(self.task, self.method.predict(self.splits.train, examples),
+                                        examples)
+        return evaluate_model(self.model, self.tokenizer, self.task, examples,
+                              features or self.features(split), self.eval_settings(progress))
+
+
+def setup(cfg: RunConfig, for_inference: bool = False) -> Setup:
+    """Data, tokenizer, model and method, seeded: the same config gives the same setup."""
+    task = build_task(cfg.task, cfg.task_args)
+    method = get_method(cfg.method)
+    if isinstance(method, Baseline) and method.task_kind != task.kind:
+        raise PeftlabError(f"baseline `{method.name}` is for {method.task_kind} tasks; "
+                           f"task `{task.name}` is {task.kind}")
+    splits = prepare_splits(task, cfg.train_size, cfg.val_size, cfg.test_size, cfg.seed)
+    s = Setup(cfg, task, splits, method)
+    if isinstance(method, Baseline):
+        return s
+    s.tokenizer = load_tokenizer(cfg.tokenizer or default_tokenizer_for(cfg.model))
+    model = load_model(cfg.model)
+    s.base_params = count_parameters(model)
+    torch.manual_seed(cfg.seed)  # method initialisation (LoRA A, prompt draw) follows the seed
+    ctx = MethodContext(cfg.tokenizer or default_tokenizer_for(cfg.model), cfg.max_steps)
+    args = method.Args.model_validate(cfg.method_args)
+    try:
+        s.model = method.apply(model, args, ctx, for_inference)
+    except ValueError as e:
+        raise PeftlabError(f"method `{method.name}`: {e}") from None
+    s.device = resolve_device(cfg)
+    s.bf16 = use_bf16(cfg, s.device)
+    s.model.to(s.device)
+    return s
+
+
+def parameter_counts(s: Setup) -> dict[str, Any]:
+    """Trainable = what the method exports (inference form); total = base + what it adds."""
+    if isinstance(s.method, Baseline):
+        return {"trainable_params": 0, "total_params": 0, "trainable_percent": 0.0}
+    trainable = sum(t.numel() for t in s.method.export_state(s.model).values())
+    total = s.base_params + (trainable if s.method.adds_parameters else 0)
+    return {"trainable_params": trainable, "total_params": total,
+            "trainable_percent": 100.0 * trainable / total}
+
+
+def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+    """Train one run into `cfg.output_dir` and return its summary."""
+    out = Path(cfg.output_dir)
+    started = time.perf_counter()
+    write_yaml(out / "config.yaml", cfg.model_dump())
+    s = setup(cfg)
+    counts = parameter_counts(s)
+    rows: list[dict[str, Any]] = []
+
+    def log_row(row: dict[str, Any]) -> None:
+        rows.append(row)
+        write_jsonl(out / "metrics.jsonl", rows)
+
+    summary: dict[str, Any] = {
+        "status": "completed", "method": cfg.method, "task": cfg.task, "model": cfg.model,
+        "train_size": cfg.train_size, "seed": cfg.seed, "learning_rate": cfg.learning_rate,
+        **counts, "data": s.splits.notes,
+    }
+    if isinstance(s.method, Baseline) or not s.method.trains:
+        val = s.evaluate("validation", progress=progress)
+        log_row({"step": 0, "train_loss": None, **{f"val_{k}": v for k, v in val.metrics.items()},
+                 "lr": None, "elapsed_s": time.perf_counter() - started, "examples_per_s": None})
+        best_step, best_val, state, extra = 0, val.metrics, {}, {}
+    else:
+        val_features = s.features("validation")
+        outcome = train(
+            s.model, s.method, cfg, s.features("train"),
+            lambda: s.evaluate("validation", val_features, progress).metrics,
+            log_row, selection_of(cfg, s.task), s.device, s.bf16,
+            s.tokenizer.pad_token_id, progress,
+        )
+        best_step, best_val, state = outcome.best_step, outcome.best_val, outcome.best_state
+        extra = {"status": outcome.status, "steps_done": outcome.steps_done,
+                 "stopped_early": outcome.stopped_early}
+        s.method.load_state(s.model, state)  # the selected checkpoint is the one tested
+    summary.update(extra)
+    summary.update({"best_step": best_step, "selection_metric": selection_of(cfg, s.task)[0],
+                    "val_metrics": best_val})
+    if state:
+        save_tensors(out / ADAPTER_FILE, state)
+    # The test set is touched once, on the checkpoint chosen by validation.
+    test = s.evaluate("test", progress=progress)
+    write_jsonl(out / "predictions" / "test.jsonl", test.rows)
+    summary.update({
+        "test_metrics": test.metrics,
+        "wall_time_s": time.perf_counter() - started,
+        "peak_memory_mb": peak_memory_mb(s.device),
+        "device": str(s.device), "bf16": s.bf16,
+        **environment(),
+    })
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def load_run_dir(run_dir: str | Path) -> tuple[RunConfig, Path]:
+    from peftlab.config import load_run_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise PeftlabError(f"{run_dir}: not a run folder (no config.yaml)")
+    return load_run_config(run_dir / "config.yaml"), run_dir
+
+
+def reevaluate(run_dir: str | Path, split: str = "test", progress: bool = True) -> EvalResult:
+    """Rebuild a saved run (base model + method + saved state) and evaluate one split."""
+    from safetensors.torch import load_file
+
+    cfg, run_dir = load_run_dir(run_dir)
+    s = setup(cfg, for_inference=True)
+    if not isinstance(s.method, Baseline) and s.method.trains:
+        path = run_dir / ADAPTER_FILE
+        if not path.is_file():
+            raise PeftlabError(f"{path}: missing; the run did not finish saving its state")
+        try:
+            state = load_file(str(path))
+        except Exception as e:
+            raise PeftlabError(f"{path}: corrupt checkpoint ({type(e).__name__}: {e})") from None
+        s.method.load_state(s.model, state)
+    result = s.evaluate(split, progress=progress)
+    write_json(run_dir / "eval" / f"{split}.json", result.metrics)
+    write_jsonl(run_dir / "eval" / f"{split}.jsonl", result.rows)
+    return result

@@ -1,0 +1,197 @@
+"""What every task is made of: examples, the two task kinds, and the low-resource protocol.
+
+A task turns its files into `Example`s (template applied) and scores predictions. The
+protocol (`prepare_splits`) is shared: a validation set kept apart from the test set and
+drawn once with a fixed seed, training examples that also occur in validation or test
+removed, and `train_size` examples drawn with the run's seed (stratified by class).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from peftlab.errors import ConfigError, DataError
+
+# The validation draw does not depend on the run's seed: every run of a study, whatever its
+# seed, method or learning rate, is selected on the same validation examples.
+VALIDATION_SEED = 1234
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    source: str  # the model's input text, template applied
+    target: str  # the reference output: a label word or a summary
+    label: int | None = None  # class index, classification only
+    text: str = ""  # the raw input (dedupe, lead-3)
+
+
+@dataclass
+class TaskData:
+    """A task's examples before sampling. `validation_pool=None`: draw validation from train."""
+
+    train_pool: list[Example]
+    validation_pool: list[Example] | None
+    test: list[Example]
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Splits:
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+    notes: dict[str, Any]
+
+
+@dataclass
+class ClassificationTask:
+    """Text-to-text classification: the target is a label word; accuracy by rank classification."""
+
+    name: str
+    load: Callable[[], TaskData]
+    label_words: tuple[str, ...]
+    max_source_length: int = 256
+    max_target_length: int = 8
+    max_new_tokens: int = 8
+    kind: Literal["classification"] = "classification"
+    primary_metric: str = "accuracy"
+    higher_is_better: bool = True
+
+    def metrics(
+        self, ranked: list[int], generated: list[str] | None, examples: list[Example]
+    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Accuracy from rank classification; exact match and invalid rate from generation."""
+        correct = [int(p == ex.label) for p, ex in zip(ranked, examples, strict=True)]
+        out = {"accuracy": 100.0 * float(np.mean(correct)) if correct else float("nan")}
+        rows: list[dict[str, Any]] = [
+            {"prediction": self.label_words[p], "score": c} for p, c in zip(ranked, correct)
+        ]
+        if generated is not None:
+            norm = [g.strip().lower() for g in generated]
+            valid = [g in self.label_words for g in norm]
+            exact = [int(g == ex.target) for g, ex in zip(norm, examples, strict=True)]
+            out["generation_exact_match"] = 100.0 * float(np.mean(exact))
+            out["invalid_generation_rate"] = 100.0 * (1.0 - float(np.mean(valid)))
+            for row, g in zip(rows, generated):
+                row["generation"] = g
+        return out, rows
+
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def split_sentences(text: str) -> str:
+    """One sentence per line, which is what rouge-score's rougeLsum splits on.
+
+    A regex rather than nltk's punkt: punkt must be downloaded, and offline machines cannot.
+    """
+    return "\n".join(s for s in _SENTENCE_END.split(text.strip()) if s)
+
+
+@dataclass
+class GenerationTask:
+    """Text-to-text generation scored with ROUGE (rouge-score, stemming on)."""
+
+    name: str
+    load: Callable[[], TaskData]
+    max_source_length: int = 512
+    max_target_length: int = 128
+    max_new_tokens: int = 128
+    kind: Literal["generation"] = "generation"
+    primary_metric: str = "rougeL"
+    higher_is_better: bool = True
+
+    def metrics(
+        self, generated: list[str], examples: list[Example]
+    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+        rows: list[dict[str, Any]] = []
+        for pred, ex in zip(generated, examples, strict=True):
+            s = scorer.score(split_sentences(ex.target), split_sentences(pred))
+            scores = {k: 100.0 * s[k].fmeasure for k in ROUGE_TYPES}
+            rows.append({"prediction": pred, "score": scores[self.primary_metric], "scores": scores})
+        out = {k: float(np.mean([r["scores"][k] for r in rows])) for k in ROUGE_TYPES}
+        return out, rows
+
+
+Task = ClassificationTask | GenerationTask
+
+
+def sample_examples(
+    examples: list[Example], k: int | Literal["all"], seed: int, stratify: bool
+) -> list[Example]:
+    """Draw k examples with `seed`; stratified: each class keeps its share (largest remainder)."""
+    if k == "all":
+        return list(examples)
+    rng = np.random.default_rng(seed)
+    if not stratify:
+        idx = rng.permutation(len(examples))[:k]
+        return [examples[i] for i in sorted(idx)]
+    by_label: dict[Any, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_label.setdefault(ex.label, []).append(i)
+    labels = sorted(by_label, key=str)
+    shares = np.array([len(by_label[c]) for c in labels], dtype=float) * k / len(examples)
+    counts = np.floor(shares).astype(int)
+    for j in np.argsort(-(shares - counts), kind="stable")[: k - counts.sum()]:
+        counts[j] += 1
+    chosen: list[int] = []
+    for c, n in zip(labels, counts):
+        pool = by_label[c]
+        chosen.extend(pool[i] for i in rng.permutation(len(pool))[:n])
+    return [examples[i] for i in rng.permutation(sorted(chosen))]
+
+
+def _check_size(name: str, size: int | str, available: int, what: str) -> None:
+    if isinstance(size, int) and size > available:
+        raise ConfigError(
+            f"`{name}` is {size}, larger than the {available} {what} available"
+        )
+
+
+def prepare_splits(
+    task: Task,
+    train_size: int | Literal["all"],
+    val_size: int | Literal["all"],
+    test_size: int | Literal["all"],
+    seed: int,
+) -> Splits:
+    """The low-resource protocol: fixed validation draw, dedupe, seeded stratified train draw."""
+    data = task.load()
+    stratify = task.kind == "classification"
+    notes = dict(data.notes)
+    if data.validation_pool is None:
+        # e.g. SST-2: its labelled test set is GLUE dev, so validation comes out of train.
+        _check_size("val_size", val_size, len(data.train_pool) - 1, "training examples")
+        if val_size == "all":
+            raise ConfigError("`val_size` cannot be 'all' when validation is drawn from train")
+        validation = sample_examples(data.train_pool, val_size, VALIDATION_SEED, stratify)
+        taken = {ex.id for ex in validation}
+        pool = [ex for ex in data.train_pool if ex.id not in taken]
+        notes["validation_source"] = "train"
+    else:
+        _check_size("val_size", val_size, len(data.validation_pool), "validation examples")
+        validation = sample_examples(data.validation_pool, val_size, VALIDATION_SEED, stratify)
+        pool = data.train_pool
+        notes["validation_source"] = "validation"
+    _check_size("test_size", test_size, len(data.test), "test examples")
+    # A test subset is for smoke runs only; papers use test_size: all.
+    test = sample_examples(data.test, test_size, VALIDATION_SEED, stratify)
+    held_out = {ex.text for ex in validation} | {ex.text for ex in data.test}
+    deduped = [ex for ex in pool if ex.text not in held_out]
+    notes["train_dropped_overlap_with_validation_or_test"] = len(pool) - len(deduped)
+    _check_size("train_size", train_size, len(deduped), "training examples")
+    train = sample_examples(deduped, train_size, seed, stratify)
+    if not train or not validation or not test:
+        raise DataError(f"task {task.name}: an empty split after sampling")
+    notes.update(train=len(train), validation=len(validation), test=len(test))
+    return Splits(train, validation, test, notes)

@@ -1,0 +1,87 @@
+"""A task from the user's own files (CSV, TSV, JSONL) or an HF dataset, with a column mapping."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from peftlab.errors import DataError
+from peftlab.tasks.base import ClassificationTask, Example, GenerationTask, Task, TaskData
+from peftlab.tasks.common import load_hub_split
+from peftlab.tasks.readers import read_table
+
+
+class Args(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "custom"
+    kind: Literal["classification", "generation"] = "generation"
+    train: str | None = Field(None, description="file path, or a split name with hf_dataset")
+    validation: str | None = Field(None, description="None: drawn from train")
+    test: str | None = None
+    hf_dataset: str | None = None
+    hf_config: str | None = None
+    input_column: str = "input"
+    target_column: str = "target"
+    id_column: str | None = None
+    label_words: dict[str, str] | None = Field(
+        None, description="classification: raw label value -> label word"
+    )
+    template: str = "{text}"
+    max_source_length: int = Field(512, ge=1)
+    max_target_length: int = Field(128, ge=1)
+    max_new_tokens: int = Field(128, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Args:
+        if self.train is None or self.test is None:
+            raise ValueError("custom tasks need `train` and `test` (file paths or hf split names)")
+        if self.kind == "classification" and not self.label_words:
+            raise ValueError("classification needs `label_words` (raw label -> word)")
+        return self
+
+
+def build(args: Args) -> Task:
+    label_values = list(args.label_words or {})
+    label_words = tuple((args.label_words or {}).values())
+
+    def read(split: str, source: str) -> list[Example]:
+        cols = [args.input_column, args.target_column] + ([args.id_column] if args.id_column else [])
+        if args.hf_dataset:
+            rows = [(f"{args.hf_dataset}[{source}] row {j}", r)
+                    for j, r in enumerate(load_hub_split(args.hf_dataset, args.hf_config, source))]
+            for where, r in rows:
+                missing = [c for c in cols if c not in r]
+                if missing:
+                    raise DataError(f"{where}: missing column(s) {missing}")
+        else:
+            rows = [(f"{source}:{i}", r) for i, r in read_table(source, cols)]
+        examples = []
+        for n, (where, r) in enumerate(rows):
+            text = str(r[args.input_column]).strip()
+            target = str(r[args.target_column]).strip()
+            if not text:
+                raise DataError(f"{where}: empty `{args.input_column}`")
+            label = None
+            if args.kind == "classification":
+                if target not in label_values:
+                    raise DataError(
+                        f"{where}: label {target!r} is not one of the label_words keys {label_values}"
+                    )
+                label = label_values.index(target)
+                target = label_words[label]
+            elif not target:
+                raise DataError(f"{where}: empty `{args.target_column}`")
+            key = str(r[args.id_column]) if args.id_column else f"{split}-{n}"
+            examples.append(Example(key, args.template.format(text=text), target, label, text))
+        return examples
+
+    def load() -> TaskData:
+        validation = read("validation", args.validation) if args.validation else None
+        return TaskData(read("train", args.train), validation, read("test", args.test))
+
+    lengths = dict(max_source_length=args.max_source_length,
+                   max_target_length=args.max_target_length, max_new_tokens=args.max_new_tokens)
+    if args.kind == "classification":
+        return ClassificationTask(args.name, load, label_words, **lengths)
+    return GenerationTask(args.name, load, **lengths)

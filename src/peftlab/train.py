@@ -1,0 +1,151 @@
+"""The training loop: one function, read top to bottom.
+
+Evaluate at step 0 (the untrained reference) and every `eval_every` steps; keep the state
+with the best validation metric; stop on a non-finite loss (status `diverged`) or when
+validation stops improving (`early_stopping_patience`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.optimization import Adafactor
+
+from peftlab.config import RunConfig
+from peftlab.data import Features, training_batches
+from peftlab.evaluate import autocast
+from peftlab.methods import Method
+
+
+@dataclass
+class TrainOutcome:
+    status: str  # "completed" or "diverged"
+    best_step: int
+    best_val: dict[str, float]
+    best_state: dict[str, torch.Tensor]
+    stopped_early: bool = False
+    steps_done: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adafactor":
+        # Fixed learning rate (no relative step), as in the prompt-tuning paper.
+        return Adafactor(params, lr=cfg.learning_rate, relative_step=False,
+                         scale_parameter=False, warmup_init=False, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int):
+    """Linear warmup to the peak rate, then linear decay to zero at `total`."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
+    if best is None or math.isnan(best):
+        return not math.isnan(value)
+    return value > best if higher_is_better else value < best
+
+
+def train(
+    model: nn.Module,
+    method: Method,
+    cfg: RunConfig,
+    features: Features,
+    evaluate_val: Callable[[], dict[str, float]],
+    log_row: Callable[[dict[str, Any]], None],
+    selection: tuple[str, bool],
+    device: torch.device,
+    bf16: bool,
+    pad_id: int,
+    progress: bool = True,
+) -> TrainOutcome:
+    metric, higher_is_better = selection
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params) if params else None
+    warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
+    scheduler = linear_schedule(optimizer, warmup, cfg.max_steps) if optimizer else None
+    batches = training_batches(features, cfg.batch_size, cfg.seed, pad_id)
+    start = time.perf_counter()
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", copy=True) for k, v in method.export_state(model).items()}
+
+    # --- step 0: the untrained model is the first point of every curve
+    val = evaluate_val()
+    out = TrainOutcome("completed", 0, val, snapshot())
+    log_row({"step": 0, "train_loss": None, **{f"val_{k}": v for k, v in val.items()},
+             "lr": scheduler.get_last_lr()[0] if scheduler else None,
+             "elapsed_s": time.perf_counter() - start, "examples_per_s": None})
+    if optimizer is None or cfg.max_steps == 0:
+        return out
+
+    model.train()
+    evals_without_gain = 0
+    window_loss, window_examples, window_start = 0.0, 0, time.perf_counter()
+    bar = tqdm(total=cfg.max_steps, desc="train", leave=False, disable=not progress or None)
+    for step in range(1, cfg.max_steps + 1):
+        # --- one optimizer step over grad_accum_steps micro-batches
+        step_loss = 0.0
+        for _ in range(cfg.grad_accum_steps):
+            batch = {k: v.to(device) for k, v in next(batches).items()}
+            with autocast(device, bf16):
+                loss = model(**batch).loss / cfg.grad_accum_steps
+            loss.backward()
+            step_loss += loss.item()
+            window_examples += batch["input_ids"].shape[0]
+        if not math.isfinite(step_loss):
+            out.status, out.steps_done = "diverged", step
+            log_row({"step": step, "train_loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                     "elapsed_s": time.perf_counter() - start, "examples_per_s": None})
+            break
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        method.on_step(model, step)
+        out.steps_done = step
+        window_loss += step_loss
+        bar.update(1)
+
+        # --- log and evaluate; one metrics row per step that has either
+        row: dict[str, Any] = {}
+        if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps:
+            steps_in_window = step - (out.history[-1]["step"] if out.history else 0)
+            now = time.perf_counter()
+            row = {"step": step, "train_loss": window_loss / max(steps_in_window, 1), "lr": lr,
+                   "elapsed_s": now - start,
+                   "examples_per_s": window_examples / max(now - window_start, 1e-9)}
+            window_loss, window_examples = 0.0, 0
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            val = evaluate_val()
+            row.update({f"val_{k}": v for k, v in val.items()})
+            row["elapsed_s"] = time.perf_counter() - start
+            if is_better(val[metric], out.best_val.get(metric), higher_is_better):
+                out.best_step, out.best_val, out.best_state = step, val, snapshot()
+                evals_without_gain = 0
+            else:
+                evals_without_gain += 1
+        if row:
+            log_row(row)
+            out.history.append(row)
+            window_start = time.perf_counter()
+        if cfg.early_stopping_patience and evals_without_gain >= cfg.early_stopping_patience:
+            out.stopped_early = True
+            break
+    bar.close()
+    model.eval()
+    return out
