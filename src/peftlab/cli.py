@@ -41,6 +41,7 @@ def train_cmd(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="run config YAML")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="key=value override")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace a finished run in output_dir")] = False,
 ) -> None:
     """Train one run into its output folder."""
     from peftlab.config import load_run_config
@@ -48,7 +49,7 @@ def train_cmd(
 
     def go() -> dict:
         cfg = load_run_config(config, set_ or [])
-        return run(cfg, progress=not quiet)
+        return run(cfg, progress=not quiet, overwrite=overwrite)
 
     summary = _guarded(go)
     metric = summary["selection_metric"]

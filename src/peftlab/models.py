@@ -77,9 +77,18 @@ def _offline_hint(name: str, what: str) -> str:
     )
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
+
+
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    if Path(name).exists() and not Path(name).is_dir():
+    path = Path(name)
+    if path.exists() and not path.is_dir():
         raise ModelLoadError(f"tokenizer path `{name}` is a file; point at the folder holding it")
+    if path.is_dir() and not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"tokenizer folder `{name}` has none of {', '.join(_TOKENIZER_FILES)}; set "
+            "`tokenizer:` to a folder saved with `tokenizer.save_pretrained(DIR)`"
+        )
     try:
         return AutoTokenizer.from_pretrained(name)
     except Exception as e:  # HF raises OSError, ValueError, HTTP errors...

@@ -127,8 +127,8 @@ def setup(cfg: RunConfig, for_inference: bool = False) -> Setup:
     s = Setup(cfg, task, splits, method)
     if isinstance(method, Baseline):
         return s
-    s.tokenizer = load_tokenizer(cfg.tokenizer or default_tokenizer_for(cfg.model))
     model = load_model(cfg.model)
+    s.tokenizer = load_tokenizer(cfg.tokenizer or default_tokenizer_for(cfg.model))
     s.base_params = count_parameters(model)
     torch.manual_seed(cfg.seed)  # method initialisation (LoRA A, prompt draw) follows the seed
     ctx = MethodContext(cfg.tokenizer or default_tokenizer_for(cfg.model), cfg.max_steps)
@@ -153,12 +153,15 @@ def parameter_counts(s: Setup) -> dict[str, Any]:
             "trainable_percent": 100.0 * trainable / total}
 
 
-def run(cfg: RunConfig, progress: bool = True) -> dict[str, Any]:
+def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Train one run into `cfg.output_dir` and return its summary."""
     out = Path(cfg.output_dir)
+    if (out / "summary.json").exists() and not overwrite:
+        raise PeftlabError(f"{out} already holds a finished run (summary.json); choose another "
+                           "output_dir or pass --overwrite")
     started = time.perf_counter()
+    s = setup(cfg)  # bad data or a bad model fails here, before anything is written
     write_yaml(out / "config.yaml", cfg.model_dump())
-    s = setup(cfg)
     counts = parameter_counts(s)
     rows: list[dict[str, Any]] = []
 

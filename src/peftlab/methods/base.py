@@ -105,7 +105,8 @@ def check_targets(names: Iterable[str], targets: Iterable[str] | str | None, fie
         if not any(re.fullmatch(targets, n) for n in names):
             raise ConfigError(f"`{field_name}`: regex {targets!r} matches no module of the model")
         return
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    parents = {n.rsplit(".", 1)[0] for n in names if "." in n}
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n not in parents})
     for t in targets:
         if not any(n == t or n.endswith("." + t) for n in names):
             raise ConfigError(

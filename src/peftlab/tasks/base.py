@@ -186,7 +186,8 @@ def prepare_splits(
     _check_size("test_size", test_size, len(data.test), "test examples")
     # A test subset is for smoke runs only; papers use test_size: all.
     test = sample_examples(data.test, test_size, VALIDATION_SEED, stratify)
-    held_out = {ex.text for ex in validation} | {ex.text for ex in data.test}
+    # Whole held-out splits, not just the drawn subsets: no test or validation text trains.
+    held_out = {ex.text for ex in data.validation_pool or validation} | {ex.text for ex in data.test}
     deduped = [ex for ex in pool if ex.text not in held_out]
     notes["train_dropped_overlap_with_validation_or_test"] = len(pool) - len(deduped)
     _check_size("train_size", train_size, len(deduped), "training examples")

@@ -1,0 +1,82 @@
+"""Rank classification, generation and the validation loss against direct computations."""
+
+import pytest
+import torch
+
+from peftlab.data import collate, tokenize
+from peftlab.evaluate import EvalSettings, evaluate_model, generate, rank_classify
+from peftlab.models import load_model
+from peftlab.tasks import build_task, prepare_splits
+
+
+@pytest.fixture(scope="module")
+def sst2_val(tokenizer):
+    task = build_task("sst2", {})
+    splits = prepare_splits(task, 8, 96, 8, seed=0)
+    return task, splits.validation, tokenize(tokenizer, splits.validation, 128, 4)
+
+
+def label_heavy_model(tokenizer) -> torch.nn.Module:
+    """t5-tiny whose output layer can only favour the two label words or EOS (others get 0),
+    so that greedy generation is often, but not always, a valid label."""
+    torch.manual_seed(1)
+    model = load_model("t5-tiny")
+    keep = [tokenizer("negative")["input_ids"][0], tokenizer("positive")["input_ids"][0], 1]
+    with torch.no_grad():
+        weight = torch.zeros_like(model.lm_head.weight)
+        weight[keep] = torch.randn(3, weight.shape[1]) * 3
+        model.lm_head.weight.copy_(weight)
+    return model.eval()
+
+
+def settings(tokenizer, batch_size=16):
+    return EvalSettings(batch_size, 4, 1, torch.device("cpu"), False,
+                        pad_id=tokenizer.pad_token_id, progress=False)
+
+
+def test_rank_classification_agrees_with_valid_greedy_generations(tokenizer, sst2_val):
+    task, examples, feats = sst2_val
+    model = label_heavy_model(tokenizer)
+    s = settings(tokenizer)
+    candidates = [tokenizer(w)["input_ids"] for w in task.label_words]
+    scores, _ = rank_classify(model, feats, candidates, s)
+    generated = generate(model, tokenizer, feats, s)
+    valid = [(i, g) for i, g in enumerate(generated) if g in task.label_words]
+    assert len(valid) >= 10, generated  # the check below must have something to check
+    assert len({g for _, g in valid}) == 2 or len(valid) < len(generated)
+    for i, g in valid:
+        assert task.label_words[scores[i].argmax()] == g
+
+
+def test_validation_loss_equals_the_models_own_token_loss(tokenizer, sst2_val):
+    task, examples, feats = sst2_val
+    model = load_model("t5-tiny").eval()
+    result = evaluate_model(model, tokenizer, task, examples, feats, settings(tokenizer, 7))
+    batch = collate(feats, list(range(len(feats))), tokenizer.pad_token_id)
+    with torch.no_grad():
+        direct = model(**batch).loss.item()  # mean over all label tokens of the split
+    assert result.metrics["loss"] == pytest.approx(direct, rel=1e-5)
+    assert [r["id"] for r in result.rows] == [ex.id for ex in examples]
+
+
+def test_generation_loss_and_rouge_on_samsum(tokenizer):
+    task = build_task("samsum", {})
+    splits = prepare_splits(task, 4, 6, 4, seed=0)
+    feats = tokenize(tokenizer, splits.validation, 256, 64)
+    model = load_model("t5-tiny").eval()
+    result = evaluate_model(model, tokenizer, task, splits.validation, feats, settings(tokenizer, 4))
+    batch = collate(feats, list(range(len(feats))), tokenizer.pad_token_id)
+    with torch.no_grad():
+        direct = model(**batch).loss.item()
+    assert result.metrics["loss"] == pytest.approx(direct, rel=1e-5)
+    assert set(result.metrics) >= {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    assert all("scores" in r for r in result.rows)
+
+
+def test_batching_does_not_change_predictions(tokenizer, sst2_val):
+    task, examples, feats = sst2_val
+    model = label_heavy_model(tokenizer)
+    a = evaluate_model(model, tokenizer, task, examples, feats, settings(tokenizer, 2))
+    b = evaluate_model(model, tokenizer, task, examples, feats, settings(tokenizer, 64))
+    assert [r["prediction"] for r in a.rows] == [r["prediction"] for r in b.rows]
+    assert a.metrics["accuracy"] == b.metrics["accuracy"]

@@ -1,0 +1,116 @@
+"""The real command on t5-tiny and the real data: records, determinism, reload, baselines."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from peftlab.cli import app
+from peftlab.files import read_jsonl
+from tests.conftest import tiny_run_sets
+
+runner = CliRunner()
+
+
+def train(tmp_path, name="run", **overrides):
+    sets = tiny_run_sets(tmp_path, output_dir=str(tmp_path / name), **overrides)
+    args = ["train", "--quiet"] + [x for s in sets for x in ("--set", s)]
+    result = runner.invoke(app, args)
+    return result, tmp_path / name
+
+
+def summary(run_dir):
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_a_run_leaves_a_complete_record(tmp_path):
+    result, run_dir = train(tmp_path)
+    assert result.exit_code == 0, result.output
+    s = summary(run_dir)
+    assert s["status"] == "completed" and s["method"] == "lora" and s["task"] == "sst2"
+    assert s["trainable_params"] == 9216
+    assert s["total_params"] == 4_359_168 + 9216
+    assert s["trainable_percent"] == pytest.approx(100 * 9216 / (4_359_168 + 9216))
+    assert s["best_step"] in (0, 2, 4) and s["steps_done"] == 4
+    assert set(s["test_metrics"]) >= {"accuracy", "generation_exact_match", "loss"}
+    assert s["versions"]["torch"] and s["peak_memory_mb"] > 0 and s["wall_time_s"] > 0
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 2, 4]
+    assert rows[0]["train_loss"] is None and "val_accuracy" in rows[0]
+    assert all(r["train_loss"] is not None and "val_loss" in r for r in rows[1:])
+    preds = read_jsonl(run_dir / "predictions" / "test.jsonl")
+    assert len(preds) == 24 and set(preds[0]) >= {"id", "reference", "prediction", "score"}
+    assert (run_dir / "adapter.safetensors").stat().st_size > 9216 * 4
+    assert "method_args" in (run_dir / "config.yaml").read_text()
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+def _timeless(run_dir):
+    """metrics.jsonl rows without the wall-clock columns."""
+    timing = ("elapsed_s", "examples_per_s")
+    return [{k: v for k, v in r.items() if k not in timing} for r in read_jsonl(run_dir / "metrics.jsonl")]
+
+
+def test_same_config_twice_gives_identical_metrics(tmp_path):
+    _, a = train(tmp_path, "a", method="prompt")
+    _, b = train(tmp_path, "b", method="prompt")
+    sa, sb = summary(a), summary(b)
+    assert sa["val_metrics"] == sb["val_metrics"] and sa["test_metrics"] == sb["test_metrics"]
+    assert _timeless(a) == _timeless(b)
+    _, c = train(tmp_path, "c", method="prompt", seed=1)
+    assert read_jsonl(c / "metrics.jsonl")[-1] != read_jsonl(a / "metrics.jsonl")[-1]
+
+
+@pytest.mark.parametrize("method", ["full", "prefix", "ia3", "ln"])
+def test_saved_runs_reproduce_their_predictions(tmp_path, method):
+    result, run_dir = train(tmp_path, method=method, max_steps=3, eval_every=3)
+    assert result.exit_code == 0, result.output
+    again = runner.invoke(app, ["eval", "--run", str(run_dir), "--quiet"])
+    assert again.exit_code == 0, again.output
+    original = read_jsonl(run_dir / "predictions" / "test.jsonl")
+    reloaded = read_jsonl(run_dir / "eval" / "test.jsonl")
+    assert [r["prediction"] for r in original] == [r["prediction"] for r in reloaded]
+    assert json.loads(again.output)["accuracy"] == summary(run_dir)["test_metrics"]["accuracy"]
+
+
+def test_samsum_run_with_prefix_tuning(tmp_path):
+    result, run_dir = train(tmp_path, task="samsum", method="prefix", train_size=8, val_size=4,
+                            test_size=4, max_new_tokens=8, max_source_length=128, max_steps=2)
+    assert result.exit_code == 0, result.output
+    s = summary(run_dir)
+    assert s["selection_metric"] == "rougeL" and "rougeLsum" in s["test_metrics"]
+    assert s["data"]["train_dropped_empty_dialogues"] == 1
+
+
+@pytest.mark.parametrize("method,task,metric", [
+    ("untuned", "sst2", "accuracy"), ("majority", "sst2", "accuracy"),
+    ("lead-3", "samsum", "rougeL"),
+])
+def test_references_need_no_training(tmp_path, method, task, metric):
+    result, run_dir = train(tmp_path, method=method, task=task, test_size=20)
+    assert result.exit_code == 0, result.output
+    s = summary(run_dir)
+    assert s["best_step"] == 0 and s["trainable_params"] == 0
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [0]
+    if method == "majority":  # the training sample's majority class is positive
+        preds = read_jsonl(run_dir / "predictions" / "test.jsonl")
+        assert {r["prediction"] for r in preds} == {"positive"}
+        assert s["test_metrics"]["accuracy"] == pytest.approx(
+            100 * sum(r["reference"] == "positive" for r in preds) / len(preds))
+    if method == "lead-3":
+        assert 0 < s["test_metrics"][metric] < 100
+
+
+def test_a_nan_loss_marks_the_run_diverged(tmp_path):
+    result, run_dir = train(tmp_path, method="full", learning_rate=1e30, max_steps=4)
+    s = summary(run_dir)
+    assert s["status"] == "diverged" and result.exit_code == 1
+    assert s["steps_done"] < 4 and s["test_metrics"]  # the run still tests its best state
+
+
+def test_a_finished_run_is_not_overwritten(tmp_path):
+    _, run_dir = train(tmp_path)
+    before = (run_dir / "summary.json").read_text()
+    result, _ = train(tmp_path, method="prompt")
+    assert result.exit_code == 2 and "already holds a finished run" in result.output
+    assert (run_dir / "summary.json").read_text() == before
