@@ -1,0 +1,80 @@
+"""Training-loop options, the methods listing, hub fallbacks and custom tasks."""
+
+import json
+
+from typer.testing import CliRunner
+
+from peftlab.cli import app
+from peftlab.files import read_jsonl
+from tests.conftest import tiny_run_sets
+
+runner = CliRunner()
+
+
+def train(tmp_path, name="run", **overrides):
+    sets = tiny_run_sets(tmp_path, output_dir=str(tmp_path / name), **overrides)
+    result = runner.invoke(app, ["train", "--quiet"] + [x for s in sets for x in ("--set", s)])
+    assert result.exit_code == 0, result.output
+    return json.loads((tmp_path / name / "summary.json").read_text()), tmp_path / name
+
+
+def test_bf16_autocast_on_cpu_runs_and_stays_close_to_fp32(tmp_path):
+    fp32, _ = train(tmp_path, "fp32", precision="fp32")
+    bf16, _ = train(tmp_path, "bf16", precision="bf16")
+    assert bf16["bf16"] is True and fp32["bf16"] is False
+    assert abs(bf16["val_metrics"]["loss"] - fp32["val_metrics"]["loss"]) < 0.05 * fp32["val_metrics"]["loss"]
+
+
+def test_adafactor_and_gradient_accumulation(tmp_path):
+    s, run_dir = train(tmp_path, optimizer="adafactor", grad_accum_steps=2, learning_rate=0.3,
+                       method="prompt")
+    assert s["status"] == "completed" and s["steps_done"] == 4
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    # two micro-batches of 4 per optimizer step
+    assert all(r["train_loss"] > 0 for r in rows[1:])
+
+
+def test_early_stopping_stops_when_validation_does_not_improve(tmp_path):
+    s, run_dir = train(tmp_path, learning_rate=1e-12, max_steps=20, eval_every=1,
+                       early_stopping_patience=2)
+    assert s["stopped_early"] is True and s["steps_done"] == 2 and s["best_step"] == 0
+
+
+def test_warmup_then_linear_decay(tmp_path):
+    _, run_dir = train(tmp_path, max_steps=10, log_every=1, eval_every=10, warmup_ratio=0.2,
+                       learning_rate=1e-3)
+    lrs = [r["lr"] for r in read_jsonl(run_dir / "metrics.jsonl")[1:]]
+    assert lrs[0] < lrs[1] < lrs[2] and max(lrs) == lrs[2] == 1e-3
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))
+
+
+def test_methods_lists_exact_counts():
+    result = runner.invoke(app, ["methods", "--model", "t5-tiny"])
+    assert result.exit_code == 0, result.output
+    for count in ("9,216", "1,280", "7,680", "1,408", "768", "4,359,168"):
+        assert count in result.output
+    assert "lead-3" in result.output
+
+
+def test_offline_hub_model_says_how_to_use_a_local_copy(tmp_path):
+    result = runner.invoke(app, ["train", "--set", "model=google/flan-t5-small",
+                                 "--set", f"output_dir={tmp_path / 'r'}"])
+    assert result.exit_code == 2
+    out = " ".join(result.output.split())
+    assert "could not load model `google/flan-t5-small`" in out and "--local-dir DIR" in out
+
+
+def test_custom_generation_task_through_the_datasets_library(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    for split, start, n in (("train", 0, 12), ("test", 100, 4)):
+        rows = [{"question": f"what is {i} plus one?", "answer": f"{i + 1}"}
+                for i in range(start, start + n)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s, run_dir = train(tmp_path, task="custom", **{
+        "task_args.hf_dataset": str(folder), "task_args.train": "train", "task_args.test": "test",
+        "task_args.input_column": "question", "task_args.target_column": "answer",
+        "task_args.max_new_tokens": 4, "train_size": 6, "val_size": 4, "test_size": 4,
+    })
+    assert s["selection_metric"] == "rougeL"
+    assert len(read_jsonl(run_dir / "predictions" / "test.jsonl")) == 4
