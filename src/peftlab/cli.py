@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -112,6 +111,3 @@ def methods_cmd(
     for name, m in METHODS.items():
         console.print(f"  [bold]{name}[/]: {m.summary}", highlight=False)
 
-
-def run() -> None:  # pragma: no cover - console entry point convenience
-    app(sys.argv[1:])

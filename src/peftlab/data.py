@@ -66,14 +66,22 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: np.random.G
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def training_batches(features: Features, batch_size: int, seed: int,
-                     pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless length-grouped, dynamically padded batches, epoch after epoch."""
-    rng = np.random.default_rng(seed)
+def training_batches(features: Features, batch_size: int, seed: int, pad_id: int,
+                     skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless length-grouped, dynamically padded batches, epoch after epoch.
+
+    Each epoch's order depends only on (seed, epoch), so a resumed run skips the `skip`
+    batches it already consumed and continues with exactly the batches it would have seen.
+    """
     lengths = [len(s) + len(t) for s, t in zip(features.input_ids, features.labels)]
+    epoch, seen = 0, 0
     while True:
-        for idx in length_grouped_batches(lengths, batch_size, rng):
-            yield collate(features, idx, pad_id)
+        batches = length_grouped_batches(lengths, batch_size, np.random.default_rng([seed, epoch]))
+        for idx in batches:
+            if seen >= skip:
+                yield collate(features, idx, pad_id)
+            seen += 1
+        epoch += 1
 
 
 def sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import platform
 import resource
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -23,11 +24,12 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from peftlab import __version__
-from peftlab.config import RunConfig
+from peftlab.checkpoint import CHECKPOINTS, Checkpoint, load_checkpoint, remove_checkpoints, save_checkpoint
+from peftlab.config import RunConfig, read_yaml_mapping
 from peftlab.data import Features, tokenize
 from peftlab.errors import PeftlabError
 from peftlab.evaluate import EvalResult, EvalSettings, evaluate_model, evaluate_predictions
-from peftlab.files import save_tensors, write_json, write_jsonl, write_yaml
+from peftlab.files import read_jsonl, save_tensors, write_json, write_jsonl, write_yaml
 from peftlab.methods import Baseline, Method, MethodContext, get_method
 from peftlab.models import count_parameters, default_tokenizer_for, load_model, load_tokenizer
 from peftlab.tasks import Splits, Task, build_task, prepare_splits
@@ -153,17 +155,43 @@ def parameter_counts(s: Setup) -> dict[str, Any]:
             "trainable_percent": 100.0 * trainable / total}
 
 
-def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
-    """Train one run into `cfg.output_dir` and return its summary."""
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", ADAPTER_FILE, "predictions", "eval",
+             CHECKPOINTS)
+
+
+def prepare_output(cfg: RunConfig, overwrite: bool) -> tuple[Checkpoint | None, list[dict]]:
+    """Decide between a fresh start and a resume; refuse to mix two different runs."""
     out = Path(cfg.output_dir)
-    if (out / "summary.json").exists() and not overwrite:
+    if overwrite:
+        for name in RUN_FILES:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    if (out / "summary.json").exists():
         raise PeftlabError(f"{out} already holds a finished run (summary.json); choose another "
                            "output_dir or pass --overwrite")
+    if not (out / "config.yaml").is_file():
+        return None, []
+    previous = read_yaml_mapping(out / "config.yaml")
+    if previous != cfg.model_dump():
+        changed = sorted(k for k in set(previous) | set(cfg.model_dump())
+                         if previous.get(k) != cfg.model_dump().get(k))
+        raise PeftlabError(f"{out} holds an unfinished run with a different config (changed: "
+                           f"{', '.join(changed)}); resume it unchanged or pass --overwrite")
+    ckpt = load_checkpoint(out)
+    done = ckpt.step if ckpt else -1
+    metrics = out / "metrics.jsonl"
+    rows = [r for r in read_jsonl(metrics) if r["step"] <= done] if metrics.is_file() else []
+    return ckpt, rows
+
+
+def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
+    """Train one run into `cfg.output_dir` (resuming an unfinished one) and return its summary."""
+    out = Path(cfg.output_dir)
     started = time.perf_counter()
     s = setup(cfg)  # bad data or a bad model fails here, before anything is written
+    resume, rows = prepare_output(cfg, overwrite)
     write_yaml(out / "config.yaml", cfg.model_dump())
     counts = parameter_counts(s)
-    rows: list[dict[str, Any]] = []
 
     def log_row(row: dict[str, Any]) -> None:
         rows.append(row)
@@ -186,6 +214,7 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> dict[
             lambda: s.evaluate("validation", val_features, progress).metrics,
             log_row, selection_of(cfg, s.task), s.device, s.bf16,
             s.tokenizer.pad_token_id, progress,
+            resume=resume, save=lambda ckpt: save_checkpoint(out, ckpt),
         )
         best_step, best_val, state = outcome.best_step, outcome.best_val, outcome.best_state
         extra = {"status": outcome.status, "steps_done": outcome.steps_done,
@@ -201,12 +230,13 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> dict[
     write_jsonl(out / "predictions" / "test.jsonl", test.rows)
     summary.update({
         "test_metrics": test.metrics,
-        "wall_time_s": time.perf_counter() - started,
+        "wall_time_s": time.perf_counter() - started + (resume.meta["elapsed_s"] if resume else 0),
         "peak_memory_mb": peak_memory_mb(s.device),
         "device": str(s.device), "bf16": s.bf16,
         **environment(),
     })
-    write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)  # last: its presence marks a finished run
+    remove_checkpoints(out)
     return summary
 
 

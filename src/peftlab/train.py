@@ -1,8 +1,9 @@
 """The training loop: one function, read top to bottom.
 
 Evaluate at step 0 (the untrained reference) and every `eval_every` steps; keep the state
-with the best validation metric; stop on a non-finite loss (status `diverged`) or when
-validation stops improving (`early_stopping_patience`).
+with the best validation metric; checkpoint after each evaluation so that a killed run
+resumes exactly; stop on a non-finite loss (status `diverged`) or when validation stops
+improving (`early_stopping_patience`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.optimization import Adafactor
 
+from peftlab.checkpoint import Checkpoint, rng_state, set_rng_state
 from peftlab.config import RunConfig
 from peftlab.data import Features, training_batches
 from peftlab.evaluate import autocast
@@ -70,32 +72,50 @@ def train(
     bf16: bool,
     pad_id: int,
     progress: bool = True,
+    resume: Checkpoint | None = None,
+    save: Callable[[Checkpoint], None] | None = None,
 ) -> TrainOutcome:
     metric, higher_is_better = selection
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     optimizer = make_optimizer(cfg, params) if params else None
     warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
     scheduler = linear_schedule(optimizer, warmup, cfg.max_steps) if optimizer else None
-    batches = training_batches(features, cfg.batch_size, cfg.seed, pad_id)
-    start = time.perf_counter()
 
     def snapshot() -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", copy=True) for k, v in method.export_state(model).items()}
 
-    # --- step 0: the untrained model is the first point of every curve
-    val = evaluate_val()
-    out = TrainOutcome("completed", 0, val, snapshot())
-    log_row({"step": 0, "train_loss": None, **{f"val_{k}": v for k, v in val.items()},
-             "lr": scheduler.get_last_lr()[0] if scheduler else None,
-             "elapsed_s": time.perf_counter() - start, "examples_per_s": None})
+    if resume is None:
+        # --- step 0: the untrained model is the first point of every curve
+        start = time.perf_counter()
+        val = evaluate_val()
+        out = TrainOutcome("completed", 0, val, snapshot())
+        log_row({"step": 0, "train_loss": None, **{f"val_{k}": v for k, v in val.items()},
+                 "lr": scheduler.get_last_lr()[0] if scheduler else None,
+                 "elapsed_s": time.perf_counter() - start, "examples_per_s": None})
+        first_step, evals_without_gain = 1, 0
+    else:
+        # --- continue exactly where the checkpoint left off: weights, optimizer, schedule, RNG
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(resume.trainable[name])
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.meta["scheduler"])
+        set_rng_state(resume.rng)
+        start = time.perf_counter() - resume.meta["elapsed_s"]
+        out = TrainOutcome("completed", resume.meta["best_step"], resume.meta["best_val"],
+                           resume.best_state, steps_done=resume.step)
+        first_step, evals_without_gain = resume.step + 1, resume.meta["evals_without_gain"]
     if optimizer is None or cfg.max_steps == 0:
         return out
 
     model.train()
-    evals_without_gain = 0
+    batches = training_batches(features, cfg.batch_size, cfg.seed, pad_id,
+                               skip=(first_step - 1) * cfg.grad_accum_steps)
     window_loss, window_examples, window_start = 0.0, 0, time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, desc="train", leave=False, disable=not progress or None)
-    for step in range(1, cfg.max_steps + 1):
+    bar = tqdm(total=cfg.max_steps, initial=first_step - 1, desc="train", leave=False,
+               disable=not progress or None)
+    for step in range(first_step, cfg.max_steps + 1):
         # --- one optimizer step over grad_accum_steps micro-batches
         step_loss = 0.0
         for _ in range(cfg.grad_accum_steps):
@@ -124,7 +144,7 @@ def train(
         # --- log and evaluate; one metrics row per step that has either
         row: dict[str, Any] = {}
         if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps:
-            steps_in_window = step - (out.history[-1]["step"] if out.history else 0)
+            steps_in_window = step - (out.history[-1]["step"] if out.history else first_step - 1)
             now = time.perf_counter()
             row = {"step": step, "train_loss": window_loss / max(steps_in_window, 1), "lr": lr,
                    "elapsed_s": now - start,
@@ -143,6 +163,15 @@ def train(
             log_row(row)
             out.history.append(row)
             window_start = time.perf_counter()
+        if save is not None and step % cfg.eval_every == 0 and step < cfg.max_steps:
+            # --- checkpoint after each evaluation (the final step needs none: the run ends)
+            save(Checkpoint(
+                step, {n: p.detach().cpu() for n, p in named}, optimizer.state_dict(),
+                out.best_state, rng_state(),
+                {"scheduler": scheduler.state_dict(), "best_step": out.best_step,
+                 "best_val": out.best_val, "evals_without_gain": evals_without_gain,
+                 "elapsed_s": time.perf_counter() - start},
+            ))
         if cfg.early_stopping_patience and evals_without_gain >= cfg.early_stopping_patience:
             out.stopped_early = True
             break

@@ -1,0 +1,3 @@
+from peftlab.cli import app
+
+app(prog_name="peftlab")
