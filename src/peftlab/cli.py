@@ -61,6 +61,67 @@ def train_cmd(
         raise typer.Exit(1)
 
 
+@app.command("run")
+def run_cmd(
+    study_file: Annotated[Path | None, typer.Argument(help="study YAML")] = None,
+    preset: Annotated[str | None, typer.Option(help="a built-in study: smoke, seed-study")] = None,
+    out: Annotated[Path | None, typer.Option(help="study folder (default studies/NAME)")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="runs in parallel (processes)")] = 1,
+    runs_per_gpu: Annotated[int, typer.Option(min=1, help="runs sharing one GPU")] = 1,
+    backend: Annotated[str, typer.Option(help="local or ray")] = "local",
+    address: Annotated[str | None, typer.Option(help="Ray cluster address; none: local")] = None,
+    dry_run: Annotated[bool, typer.Option(help="print the grid and its cost, run nothing")] = False,
+    retry_failed: Annotated[bool, typer.Option(help="run failed runs again")] = False,
+    report: Annotated[bool, typer.Option(help="write the report when the grid is done")] = True,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Run a study: every cell of its grid, skipping finished runs and resuming unfinished ones."""
+    from peftlab import study as st
+
+    if backend not in ("local", "ray"):
+        err_console.print(f"[bold red]error:[/] --backend must be local or ray, got {backend!r}")
+        raise typer.Exit(2)
+
+    def go() -> tuple[Path, dict[str, int] | None]:
+        config = st.load_study(study_file, preset)
+        folder = out or Path("studies") / config.name
+        cells = st.expand(config, folder)
+        todo = st.pending(cells, retry_failed)
+        console.print(st.describe(cells, todo), highlight=False)
+        if dry_run:
+            return folder, None
+        st.write_study_files(config, cells, folder)
+        n_workers = workers
+        if runs_per_gpu > 1 and workers == 1:
+            n_workers = max(1, st.gpu_count()) * runs_per_gpu
+        counts = st.execute(todo, n_workers, backend, address, runs_per_gpu, progress=not quiet)
+        return folder, counts
+
+    folder, counts = _guarded(go)
+    if counts is None:
+        return
+    console.print(f"study {folder}: {json.dumps(counts)}")
+    if report:
+        from peftlab.report import write_report
+
+        paths = _guarded(lambda: write_report(folder))
+        console.print(f"report: {paths['html']}")
+    if counts.get("locked"):
+        console.print(f"{counts['locked']} runs are being run by another process")
+
+
+@app.command("report")
+def report_cmd(
+    study_dir: Annotated[Path, typer.Argument(help="a study folder")],
+) -> None:
+    """Write report.md, report.html, CSV tables and figures from a study's run folders."""
+    from peftlab.report import write_report
+
+    paths = _guarded(lambda: write_report(study_dir))
+    for kind, path in paths.items():
+        console.print(f"{kind}: {path}")
+
+
 @app.command("eval")
 def eval_cmd(
     run_dir: Annotated[Path, typer.Option("--run", help="a run's output folder")],

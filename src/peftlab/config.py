@@ -53,6 +53,9 @@ class RunConfig(BaseModel):
     max_target_length: int | None = Field(None, ge=1, description="None: the task's default")
     max_new_tokens: int | None = Field(None, ge=1, description="None: the task's default")
     num_beams: int = Field(1, ge=1, description="1: greedy decoding")
+    generate_on_validation: bool = Field(
+        False, description="classification: also generate at each evaluation (test always does)"
+    )
     selection_metric: str | None = Field(None, description="None: the task's primary metric")
     output_dir: str = "runs/run"
 
@@ -140,12 +143,16 @@ def validate_args(schema: type[BaseModel], args: dict[str, Any], prefix: str) ->
 
 def load_run_config(path: str | Path | None = None, sets: list[str] | None = None) -> RunConfig:
     """Read, override, validate and resolve a run config (defaults filled in everywhere)."""
+    raw = read_yaml_mapping(path) if path is not None else {}
+    return resolve_run_config(apply_sets(raw, sets or []))
+
+
+def resolve_run_config(raw: dict[str, Any]) -> RunConfig:
+    """Validate a raw mapping and fill every default (method's, task's, tokenizer's)."""
     from peftlab.methods import get_method
     from peftlab.models import default_tokenizer_for
     from peftlab.tasks import get_task
 
-    raw = read_yaml_mapping(path) if path is not None else {}
-    raw = apply_sets(raw, sets or [])
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:

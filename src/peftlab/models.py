@@ -7,6 +7,7 @@ fixed seed so every run of a study starts from the same "checkpoint", as with re
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -80,6 +81,7 @@ def _offline_hint(name: str, what: str) -> str:
 _TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
 
 
+@functools.lru_cache(maxsize=8)
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     path = Path(name)
     if path.exists() and not path.is_dir():

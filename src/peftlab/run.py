@@ -103,9 +103,10 @@ class Setup:
         return tokenize(self.tokenizer, examples, self.cfg.max_source_length,
                         self.cfg.max_target_length)
 
-    def eval_settings(self, progress: bool) -> EvalSettings:
+    def eval_settings(self, split: str, progress: bool) -> EvalSettings:
         return EvalSettings(self.cfg.eval_batch_size, self.cfg.max_new_tokens, self.cfg.num_beams,
                             self.device, self.bf16, pad_id=self.tokenizer.pad_token_id,
+                            generate=split == "test" or self.cfg.generate_on_validation,
                             progress=progress)
 
     def evaluate(self, split: str, features: Features | None = None,
@@ -115,7 +116,7 @@ class Setup:
             return evaluate_predictions(self.task, self.method.predict(self.splits.train, examples),
                                         examples)
         return evaluate_model(self.model, self.tokenizer, self.task, examples,
-                              features or self.features(split), self.eval_settings(progress))
+                              features or self.features(split), self.eval_settings(split, progress))
 
 
 def setup(cfg: RunConfig, for_inference: bool = False) -> Setup:

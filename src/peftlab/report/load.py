@@ -1,0 +1,146 @@
+"""Read a study's run folders into tables, and choose each method's learning rate on validation.
+
+Only result files are read: `summary.json`, `metrics.jsonl`, `study_cell.json` and
+`predictions/test.jsonl` in each run folder, and `grid.json` to name the runs still missing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from peftlab.errors import PeftlabError
+from peftlab.files import read_jsonl
+
+SUMMARY = "summary.json"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PeftlabError(f"{path}: unreadable ({e})") from None
+
+
+def run_folders(study_dir: Path) -> list[Path]:
+    return sorted(p.parent for p in study_dir.rglob(SUMMARY))
+
+
+def headline_metric(summary: dict[str, Any]) -> str:
+    """The metric tables show: the selection metric, unless that is the loss."""
+    metric = summary.get("selection_metric")
+    if metric and metric != "loss":
+        return metric
+    return next((k for k in summary.get("test_metrics", {}) if k != "loss"), "loss")
+
+
+def curve_flags(rows: list[dict[str, Any]], metric: str, higher: bool) -> dict[str, Any]:
+    """Step-0 and final validation values, first and last training loss, and the flag for
+    'training loss fell while the validation metric ended below its untrained value'."""
+    evals = [r for r in rows if f"val_{metric}" in r]
+    losses = [r["train_loss"] for r in rows if r.get("train_loss") is not None]
+    out: dict[str, Any] = {"step0_val": None, "final_val": None, "first_train_loss": None,
+                           "last_train_loss": None, "flag_loss_fell_metric_fell": False}
+    if evals:
+        out["step0_val"] = evals[0][f"val_{metric}"] if evals[0]["step"] == 0 else None
+        out["final_val"] = evals[-1][f"val_{metric}"]
+    if losses:
+        out["first_train_loss"], out["last_train_loss"] = losses[0], losses[-1]
+    if out["step0_val"] is not None and len(evals) > 1 and len(losses) > 1:
+        worse = out["final_val"] < out["step0_val"] if higher else out["final_val"] > out["step0_val"]
+        out["flag_loss_fell_metric_fell"] = bool(worse and losses[-1] < losses[0])
+    return out
+
+
+def load_runs(study_dir: Path) -> pd.DataFrame:
+    """One row per run folder with a summary."""
+    records = []
+    for folder in run_folders(study_dir):
+        s = _read_json(folder / SUMMARY)
+        cell_file = folder / "study_cell.json"
+        cell = _read_json(cell_file) if cell_file.is_file() else {}
+        metric = headline_metric(s) if s.get("status") != "failed" else None
+        higher = metric != "loss"
+        rec: dict[str, Any] = {
+            "key": str(folder.relative_to(study_dir)),
+            "task": s.get("task"), "method": s.get("method"),
+            "label": cell.get("label", s.get("method")),
+            "method_name": cell.get("method_name", s.get("method")),
+            "size_knob": cell.get("size_knob"), "size_value": cell.get("size_value"),
+            "train_size": s.get("train_size"), "learning_rate": s.get("learning_rate"),
+            "seed": s.get("seed"), "status": s.get("status"),
+            "shared_across_sizes": bool(cell.get("shared_across_sizes", False)),
+            "trainable_params": s.get("trainable_params"), "total_params": s.get("total_params"),
+            "trainable_percent": s.get("trainable_percent"), "best_step": s.get("best_step"),
+            "metric": metric, "higher_is_better": higher,
+            "selection_metric": s.get("selection_metric"),
+            "val_score": (s.get("val_metrics") or {}).get(s.get("selection_metric")),
+            "test_score": (s.get("test_metrics") or {}).get(metric),
+            "wall_time_s": s.get("wall_time_s"), "peak_memory_mb": s.get("peak_memory_mb"),
+            "error": s.get("error"),
+        }
+        for k, v in (s.get("test_metrics") or {}).items():
+            rec[f"test_{k}"] = v
+        metrics_file = folder / "metrics.jsonl"
+        if metric and metrics_file.is_file():
+            rec.update(curve_flags(read_jsonl(metrics_file), metric, higher))
+        records.append(rec)
+    if not records:
+        raise PeftlabError(f"{study_dir}: no finished runs (no */summary.json) to report on")
+    return pd.DataFrame.from_records(records)
+
+
+def missing_runs(study_dir: Path, runs: pd.DataFrame) -> list[str]:
+    grid = study_dir / "grid.json"
+    if not grid.is_file():
+        return []
+    have = set(runs["key"])
+    return [c["key"] for c in json.loads(grid.read_text()) if c["key"] not in have]
+
+
+def train_sizes(runs: pd.DataFrame, task: str) -> list:
+    usable = (runs.task == task) & ~runs.shared_across_sizes & runs.test_score.notna()
+    sizes = runs.loc[usable, "train_size"].unique()
+    return sorted(sizes, key=lambda v: math.inf if v == "all" else v)
+
+
+def select_learning_rates(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mark `selected`: per (task, label, train size), the rate with the best mean validation
+    score over seeds. Runs that need no rate (untuned, baselines) are always selected."""
+    runs = runs.copy()
+    runs["selected"] = False
+    ok = runs.status.isin(["completed", "diverged"]) & runs.val_score.notna()
+    no_rate = runs.learning_rate.isna()
+    runs.loc[ok & no_rate, "selected"] = True
+    rated = runs[ok & ~no_rate]
+    for _, group in rated.groupby(["task", "label", "train_size"], dropna=False):
+        means = group.groupby("learning_rate").val_score.mean()
+        higher = bool(group.higher_is_better.iloc[0])
+        best = means.idxmax() if higher else means.idxmin()
+        runs.loc[group.index[group.learning_rate == best], "selected"] = True
+    return runs
+
+
+def expand_shared(runs: pd.DataFrame) -> pd.DataFrame:
+    """Untuned and lead-3 runs do not depend on the training sample: show them at every size."""
+    parts = [runs[~runs.shared_across_sizes]]
+    for task in runs.task.unique():
+        shared = runs[(runs.task == task) & runs.shared_across_sizes]
+        for size in train_sizes(runs, task):
+            parts.append(shared.assign(train_size=size))
+    return pd.concat(parts, ignore_index=True)
+
+
+def per_example_scores(study_dir: Path, keys: list[str]) -> tuple[list[str], np.ndarray]:
+    """(example ids, mean per-example score over the given runs), aligned by id."""
+    tables = []
+    for key in keys:
+        rows = read_jsonl(study_dir / key / "predictions" / "test.jsonl")
+        tables.append({r["id"]: float(r["score"]) for r in rows})
+    ids = sorted(set.intersection(*(set(t) for t in tables)))
+    return ids, np.mean([[t[i] for i in ids] for t in tables], axis=0)
