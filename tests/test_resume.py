@@ -27,37 +27,67 @@ def rows(run_dir):
             for r in read_jsonl(run_dir / "metrics.jsonl")]
 
 
-def kill_after_checkpoint(cmd, run_dir, min_step):
-    """Start the run; SIGKILL it once it has checkpointed at `min_step` or later."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pointer = run_dir / "checkpoints" / "latest.json"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
+def checkpointed(run_dir, min_step):
+    def ready():
         try:
-            if json.loads(pointer.read_text())["step"] >= min_step:
-                break
+            pointer = run_dir / "checkpoints" / "latest.json"
+            return json.loads(pointer.read_text())["step"] >= min_step
         except (OSError, ValueError):
-            pass
-        time.sleep(0.005)
+            return False
+    return ready
+
+
+def step0_logged(run_dir):
+    """Killed after the step-0 evaluation, before any checkpoint exists."""
+    return lambda: (run_dir / "metrics.jsonl").exists()
+
+
+def kill_when(cmd, ready):
+    """Start the run; SIGKILL it as soon as `ready()` holds."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.002)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
 
 
-@pytest.mark.parametrize("method,min_step", [("lora", 5), ("prefix", 15)])
-def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, method, min_step):
-    env_ok = subprocess.run(command(tmp_path, "straight", method=method), capture_output=True)
-    assert env_ok.returncode == 0, env_ok.stderr.decode()[-2000:]
-    kill_after_checkpoint(command(tmp_path, "killed", method=method), tmp_path / "killed", min_step)
+def kill_after_checkpoint(cmd, run_dir, min_step):
+    kill_when(cmd, checkpointed(run_dir, min_step))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """Uninterrupted reference runs, one per method."""
+    cache = {}
+
+    def get(method):
+        if method not in cache:
+            tmp = tmp_path_factory.mktemp(f"straight-{method}")
+            done = subprocess.run(command(tmp, "run", method=method), capture_output=True)
+            assert done.returncode == 0, done.stderr.decode()[-2000:]
+            cache[method] = tmp / "run"
+        return cache[method]
+    return get
+
+
+@pytest.mark.parametrize("method,moment", [
+    ("lora", "step0"), ("lora", 5), ("lora", 25), ("prefix", 15),
+])
+def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, straight, method, moment):
     killed = tmp_path / "killed"
+    cmd = command(tmp_path, "killed", method=method)
+    kill_when(cmd, step0_logged(killed) if moment == "step0" else checkpointed(killed, moment))
     assert not (killed / "summary.json").exists()
-    done = subprocess.run(command(tmp_path, "killed", method=method), capture_output=True)
+    done = subprocess.run(cmd, capture_output=True)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
-    straight = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    reference = straight(method)
+    expected = json.loads((reference / "summary.json").read_text())
     resumed = json.loads((killed / "summary.json").read_text())
     for key in ("best_step", "val_metrics", "test_metrics", "steps_done", "status"):
-        assert resumed[key] == straight[key], key
-    assert rows(killed) == rows(tmp_path / "straight")  # no duplicated or missing steps
+        assert resumed[key] == expected[key], key
+    assert rows(killed) == rows(reference)  # no duplicated or missing steps
     assert not (killed / "checkpoints").exists()
 
 

@@ -70,7 +70,7 @@ def test_bad_study_files_are_named(tmp_path):
     with pytest.raises(ConfigError, match="learning_rates"):
         load_study(write_study(tmp_path, bad))
     bad = dict(TINY, methods=[{"method": "lora", "method_args": {"rank": 3}}])
-    with pytest.raises(ConfigError, match=r"study cell sst2/lora/n16/lr0.001/seed0: unknown key "
+    with pytest.raises(ConfigError, match=r"study cell sst2/lora/n16/seed0: unknown key "
                                           r"`method_args.rank`"):
         expand(load_study(write_study(tmp_path, bad)), tmp_path)
     with pytest.raises(ConfigError, match="unknown preset `smok` \\(did you mean `smoke`"):

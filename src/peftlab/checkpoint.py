@@ -86,7 +86,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
         meta = json.loads((folder / "state.json").read_text())
         tensors = {name: load_file(str(folder / f"{name}.safetensors"))
                    for name in ("trainable", "optimizer", "best", "rng")}
-    except (OSError, ValueError, KeyError) as e:
+    except Exception as e:  # safetensors raises its own error type for a corrupt header
         raise PeftlabError(
             f"{pointer.parent}: unreadable checkpoint ({type(e).__name__}: {e}); delete the "
             "checkpoints folder to restart the run from step 0"

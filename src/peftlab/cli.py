@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from peftlab.errors import PeftlabError
+from peftlab.errors import PeftlabError, describe_os_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="peftlab: compare ways of adapting small seq2seq models, honestly.")
@@ -28,10 +28,11 @@ def main(debug: Annotated[bool, typer.Option(help="show tracebacks for errors")]
 def _guarded(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
-    except PeftlabError as e:
+    except (PeftlabError, OSError) as e:
         if _state["debug"]:
             raise
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        message = describe_os_error(e) if isinstance(e, OSError) else str(e)
+        err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -100,12 +101,12 @@ def run_cmd(
     folder, counts = _guarded(go)
     if counts is None:
         return
-    console.print(f"study {folder}: {json.dumps(counts)}")
+    console.print(f"study {folder}: {json.dumps(counts)}", soft_wrap=True, highlight=False)
     if report:
         from peftlab.report import write_report
 
         paths = _guarded(lambda: write_report(folder))
-        console.print(f"report: {paths['html']}")
+        console.print(f"report: {paths['html']}", soft_wrap=True, highlight=False)
     if counts.get("locked"):
         console.print(f"{counts['locked']} runs are being run by another process")
 
@@ -119,7 +120,7 @@ def report_cmd(
 
     paths = _guarded(lambda: write_report(study_dir))
     for kind, path in paths.items():
-        console.print(f"{kind}: {path}")
+        console.print(f"{kind}: {path}", soft_wrap=True, highlight=False)
 
 
 @app.command("eval")

@@ -8,6 +8,7 @@ next start skips finished runs and resumes unfinished ones from their checkpoint
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -29,6 +30,7 @@ from peftlab.files import write_json, write_yaml
 SHORT_KNOBS = {"num_virtual_tokens": "n", "num_prefix_tokens": "n"}  # labels: prompt-n20, lora-r8
 CELL_FILE = "study_cell.json"  # written into each run folder: the report reads labels from it
 LOCK_FILE = ".lock"
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT}
 
 
 class MethodSpec(BaseModel):
@@ -238,15 +240,21 @@ def run_cell(config: dict[str, Any], labels: dict[str, Any], threads: int | None
         write_json(run_dir / CELL_FILE, labels)
         try:
             return run(cfg, progress=progress)["status"]
+        except OSError as e:
+            if e.errno in STORAGE_ERRNOS:  # every later run would fail the same way: stop
+                raise
+            return _record_failure(run_dir, cfg, e)
         except Exception as e:  # noqa: BLE001 - a failed run is a result, not the end of a study
-            write_json(run_dir / "summary.json", {
-                "status": "failed", "method": cfg.method, "task": cfg.task,
-                "train_size": cfg.train_size, "seed": cfg.seed,
-                "learning_rate": cfg.learning_rate,
-                "error": f"{type(e).__name__}: {e}",
-                "traceback": traceback.format_exc(limit=20),
-            })
-            return "failed"
+            return _record_failure(run_dir, cfg, e)
+
+
+def _record_failure(run_dir: Path, cfg: RunConfig, e: Exception) -> str:
+    write_json(run_dir / "summary.json", {
+        "status": "failed", "method": cfg.method, "task": cfg.task,
+        "train_size": cfg.train_size, "seed": cfg.seed, "learning_rate": cfg.learning_rate,
+        "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=20),
+    })
+    return "failed"
 
 
 def pending(cells: list[Cell], retry_failed: bool) -> list[Cell]:
