@@ -123,6 +123,30 @@ def report_cmd(
         console.print(f"{kind}: {path}", soft_wrap=True, highlight=False)
 
 
+@app.command("bench")
+def bench_cmd(
+    out: Annotated[Path, typer.Option(help="folder for bench.json and bench.md")] = Path(
+        "benchmarks/results"),
+    methods: Annotated[str, typer.Option(help="comma-separated")] = "full,lora,prompt,prefix,ia3",
+    shapes: Annotated[str, typer.Option(help="sst2,samsum")] = "sst2,samsum",
+    sections: Annotated[str, typer.Option(help="matmul,train,numerics,eval")] = (
+        "matmul,train,numerics,eval"),
+    steps: Annotated[int, typer.Option(min=1, help="timed training steps")] = 10,
+    warmup: Annotated[int, typer.Option(min=1, help="untimed steps first")] = 3,
+    precision: Annotated[str, typer.Option(help="fp32 or bf16")] = "fp32",
+) -> None:
+    """Measure speed against the Seq2SeqTrainer + peft pipeline, in one run, side by side."""
+    from peftlab.bench import run_benchmark
+
+    if precision not in ("fp32", "bf16"):
+        err_console.print(f"[bold red]error:[/] --precision must be fp32 or bf16, got {precision!r}")
+        raise typer.Exit(2)
+    _guarded(lambda: run_benchmark(out, methods.split(","), shapes.split(","), steps, warmup,
+                                   precision, sections.split(","),
+                                   log=lambda m: console.print(m, soft_wrap=True, highlight=False)))
+    console.print(f"results: {out / 'bench.md'}", soft_wrap=True)
+
+
 @app.command("eval")
 def eval_cmd(
     run_dir: Annotated[Path, typer.Option("--run", help="a run's output folder")],

@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 from peftlab.errors import unknown_name
 from peftlab.tasks import custom, samsum, sst2
@@ -15,8 +17,10 @@ from peftlab.tasks.base import (
     GenerationTask,
     Splits,
     Task,
+    TaskData,
     prepare_splits,
 )
+from peftlab.tasks.readers import file_stamp, track_reads
 
 TASKS: dict[str, ModuleType] = {"sst2": sst2, "samsum": samsum, "custom": custom}
 
@@ -41,8 +45,24 @@ def build_task(name: str, args: dict) -> Task:
 def _build_cached(name: str, args_json: str, data_dir_env: str | None) -> Task:
     module = get_task(name)
     task = module.build(module.Args.model_validate(json.loads(args_json)))
-    task.load = functools.cache(task.load)
+    task.load = _reloading_cache(task.load)
     return task
+
+
+def _reloading_cache(load: Callable[[], TaskData]) -> Callable[[], TaskData]:
+    """`load` once, again only when a file it read has changed (size or modification time)."""
+    cached: dict[str, Any] = {}
+
+    def wrapper() -> TaskData:
+        stamps = cached.get("stamps")
+        if stamps is not None and all(file_stamp(p) == st for p, st in stamps.items()):
+            return cached["data"]
+        with track_reads() as seen:
+            data = load()
+        cached.update(data=data, stamps={p: file_stamp(p) for p in seen})
+        return data
+
+    return wrapper
 
 
 __all__ = [

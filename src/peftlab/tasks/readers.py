@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from peftlab.errors import DataError
@@ -16,7 +18,31 @@ from peftlab.errors import DataError
 Row = dict[str, str]
 
 
+_tracking: list[set[Path]] = []  # stacks of files read, for `track_reads`
+
+
+@contextmanager
+def track_reads() -> Iterator[set[Path]]:
+    """Collect the paths every reader opens inside the block (for cache validation)."""
+    seen: set[Path] = set()
+    _tracking.append(seen)
+    try:
+        yield seen
+    finally:
+        _tracking.remove(seen)
+
+
+def file_stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
 def _read_lines(path: Path) -> list[str]:
+    for seen in _tracking:
+        seen.add(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     data = path.read_bytes()
