@@ -80,3 +80,27 @@ def test_batching_does_not_change_predictions(tokenizer, sst2_val):
     b = evaluate_model(model, tokenizer, task, examples, feats, settings(tokenizer, 64))
     assert [r["prediction"] for r in a.rows] == [r["prediction"] for r in b.rows]
     assert a.metrics["accuracy"] == b.metrics["accuracy"]
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix", "prompt", "full"])
+def test_shared_encoder_scores_equal_repeated_input_scores(tokenizer, sst2_val, method):
+    from peftlab.evaluate import _candidate_logprobs, _token_logprobs
+    from peftlab.methods import METHODS, MethodContext
+    from tests.conftest import TOKENIZER_DIR
+
+    _, _, feats = sst2_val
+    m = METHODS[method]
+    torch.manual_seed(0)
+    model = m.apply(load_model("t5-tiny"), m.Args(), MethodContext(str(TOKENIZER_DIR), 1), False)
+    with torch.no_grad():  # make every adapter non-trivial
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    s = settings(tokenizer)
+    cand = torch.tensor([tokenizer("negative")["input_ids"], tokenizer("positive")["input_ids"]])
+    inputs = collate(feats, list(range(6)), tokenizer.pad_token_id)["input_ids"]
+    with torch.no_grad():
+        shared = _candidate_logprobs(model, inputs, cand, s)
+        repeated = _token_logprobs(model, inputs.repeat_interleave(2, dim=0), cand.repeat(6, 1), s)
+    assert torch.allclose(shared, repeated, atol=1e-5)

@@ -52,6 +52,8 @@ def _setup(method: str, shape: str, batch_size: int, n_examples: int, dropout: b
         for module in s.model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
+            if isinstance(getattr(module, "dropout", None), float):  # T5 attention-prob dropout
+                module.dropout = 0.0
     features = tokenize(s.tokenizer, s.splits.train, src, tgt)
     torch.manual_seed(0)
     return cfg, s, features
@@ -144,6 +146,9 @@ def measure_reference(method: str, shape: str, batch_size: int, steps: int, warm
     losses: list[float] = []
 
     class Clock(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            marks[0] = time.perf_counter()
+
         def on_step_end(self, args, state, control, **kw):
             marks[state.global_step] = time.perf_counter()
 

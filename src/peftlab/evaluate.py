@@ -42,6 +42,21 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
+def _picked_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    # peft's optional decoder prompt adds positions in front: the labels are the last T.
+    logits = logits[:, -labels.shape[1]:, :].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    mask = labels != IGNORE_INDEX
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).cpu()
+
+
+def _prompt_outside_encoder(model: nn.Module) -> bool:
+    """peft prompt tuning adds its prompt in the wrapper's forward, not in the encoder."""
+    config = getattr(model, "active_peft_config", None)
+    return bool(config is not None and config.is_prompt_learning)
+
+
 def _token_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                     s: EvalSettings) -> torch.Tensor:
     """log p(label token | input, previous labels), 0 where labels are padding. (rows, T)"""
@@ -49,12 +64,28 @@ def _token_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.Ten
     with autocast(s.device, s.bf16):
         logits = model(input_ids=input_ids, attention_mask=(input_ids != s.pad_id).long(),
                        labels=labels).logits
-    # peft's optional decoder prompt adds positions in front: the labels are the last T.
-    logits = logits[:, -labels.shape[1]:, :].float()
-    logp = torch.log_softmax(logits, dim=-1)
-    mask = labels != IGNORE_INDEX
-    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).cpu()
+    return _picked_logprobs(logits, labels)
+
+
+def _candidate_logprobs(model: nn.Module, input_ids: torch.Tensor, candidates: torch.Tensor,
+                        s: EvalSettings) -> torch.Tensor:
+    """Token log-probs of every candidate for every input: (rows * candidates, T).
+
+    The encoder runs once per input and its states are shared by all candidates (the
+    decoder is the only part that depends on the label), except for peft prompt tuning,
+    whose prompt is added outside the encoder module.
+    """
+    n = candidates.shape[0]
+    labels = candidates.repeat(input_ids.shape[0], 1).to(s.device)
+    if _prompt_outside_encoder(model):
+        return _token_logprobs(model, input_ids.repeat_interleave(n, dim=0), labels, s)
+    input_ids = input_ids.to(s.device)
+    mask = (input_ids != s.pad_id).long()
+    with autocast(s.device, s.bf16):
+        states = model.get_encoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        logits = model(encoder_outputs=(states.repeat_interleave(n, dim=0),),
+                       attention_mask=mask.repeat_interleave(n, dim=0), labels=labels).logits
+    return _picked_logprobs(logits, labels)
 
 
 @torch.no_grad()
@@ -72,9 +103,8 @@ def rank_classify(model: nn.Module, features: Features, candidates: list[list[in
     cand = pad(candidates, IGNORE_INDEX)
     batches = sorted_batches([len(x) for x in features.input_ids], max(1, s.batch_size // n_cand))
     for idx in tqdm(batches, desc=desc, leave=False, disable=not s.progress or None):
-        inputs = pad([features.input_ids[i] for i in idx], s.pad_id).repeat_interleave(n_cand, dim=0)
-        labels = cand.repeat(len(idx), 1)
-        lp = _token_logprobs(model, inputs, labels, s).view(len(idx), n_cand, -1).double()
+        inputs = pad([features.input_ids[i] for i in idx], s.pad_id)
+        lp = _candidate_logprobs(model, inputs, cand, s).view(len(idx), n_cand, -1).double()
         lengths = torch.tensor([len(c) for c in candidates])
         word_mask = torch.arange(lp.shape[-1])[None, :] < (lengths[:, None] - 1)  # drop EOS
         scores[idx] = (lp * word_mask).sum(-1).numpy()
