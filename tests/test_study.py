@@ -162,3 +162,14 @@ def test_ray_backend_on_a_local_instance(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert statuses(out) == {"sst2/lora/n16/lr0.001/seed0": "completed",
                              "sst2/lora/n16/lr0.001/seed1": "completed"}
+
+
+def test_worker_processes_run_the_grid(tmp_path):
+    study = dict(TINY, methods=[{"method": "lora", "learning_rates": [1e-3]},
+                                {"method": "ln", "learning_rates": [3e-3]}], seeds=[0])
+    out = tmp_path / "s"
+    result = subprocess.run(study_cmd(write_study(tmp_path, study), out, "--workers", "2"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert statuses(out) == {"sst2/lora/n16/lr0.001/seed0": "completed",
+                             "sst2/ln/n16/lr0.003/seed0": "completed"}
