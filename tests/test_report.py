@@ -154,3 +154,13 @@ def test_grid_json_names_missing_runs(study):
     md = write_report(study)["markdown"].read_text()
     assert "1 runs of the grid have no result yet" in md
     assert json.loads((study / "grid.json").read_text())
+
+
+def test_a_study_whose_runs_all_failed_gets_a_clear_error(tmp_path):
+    from peftlab.errors import PeftlabError
+
+    write_json(tmp_path / "sst2/lora/seed0/summary.json", {
+        "status": "failed", "method": "lora", "task": "sst2", "error": "DataError: no file"})
+    with pytest.raises(PeftlabError, match=r"no completed run to report on \(1 failed\); "
+                                           r"first error: DataError: no file"):
+        write_report(tmp_path)

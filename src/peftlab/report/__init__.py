@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 
+from peftlab.errors import PeftlabError
 from peftlab.files import atomic_write_text
 from peftlab.report import figures
 from peftlab.report.load import (
@@ -122,7 +123,8 @@ def findings(runs: pd.DataFrame, headline: pd.DataFrame, best: pd.DataFrame,
                 names = ", ".join(f"{r.label} ({r.test_mean - level:+.1f})" for _, r in worse.iterrows())
                 out.append(f"{task}, {size} examples: training hurt against the untuned model "
                            f"({_fmt(level)}): {names}.")
-    flagged = runs[runs.get("flag_loss_fell_metric_fell", False) == True]  # noqa: E712
+    flags = runs.get("flag_loss_fell_metric_fell")
+    flagged = runs[flags.fillna(False).astype(bool)] if flags is not None else runs.iloc[:0]
     if len(flagged):
         keys = ", ".join(flagged.key.head(12)) + (" ..." if len(flagged) > 12 else "")
         out.append(f"{len(flagged)} of {len(runs)} runs ended with a validation metric below "
@@ -176,6 +178,11 @@ def write_report(study_dir: str | Path) -> dict[str, Path]:
     runs = select_learning_rates(load_runs(study_dir))
     view = expand_shared(runs)
     headline = headline_table(view)
+    if headline.empty:
+        failed = runs[runs.status == "failed"]
+        first = f"; first error: {failed.error.iloc[0]}" if len(failed) else ""
+        raise PeftlabError(f"{study_dir}: no completed run to report on "
+                           f"({len(failed)} failed){first}")
     best = figures.best_configs(headline)
     sig = significance_table(study_dir, best)
     missing = missing_runs(study_dir, runs)
