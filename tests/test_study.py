@@ -153,23 +153,25 @@ def test_failed_runs_are_recorded_and_can_be_retried(tmp_path):
     assert len(pending(cells, retry_failed=True)) == 2
 
 
-def test_ray_backend_on_a_local_instance(tmp_path):
-    pytest.importorskip("ray")
-    study = dict(TINY, methods=[{"method": "lora", "learning_rates": [1e-3]}], seeds=[0, 1])
+def run_two_cells(tmp_path, methods, seeds, *extra) -> dict[str, str]:
+    """Run a two-cell study through the real command with `extra` flags; its run statuses."""
     out = tmp_path / "s"
-    result = subprocess.run(study_cmd(write_study(tmp_path, study), out, "--backend", "ray"),
+    study = dict(TINY, methods=methods, seeds=seeds)
+    result = subprocess.run(study_cmd(write_study(tmp_path, study), out, *extra),
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert statuses(out) == {"sst2/lora/n16/lr0.001/seed0": "completed",
-                             "sst2/lora/n16/lr0.001/seed1": "completed"}
+    return statuses(out)
+
+
+def test_ray_backend_on_a_local_instance(tmp_path):
+    pytest.importorskip("ray")
+    assert run_two_cells(tmp_path, [{"method": "lora", "learning_rates": [1e-3]}], [0, 1],
+                         "--backend", "ray") == {
+        "sst2/lora/n16/lr0.001/seed0": "completed", "sst2/lora/n16/lr0.001/seed1": "completed"}
 
 
 def test_worker_processes_run_the_grid(tmp_path):
-    study = dict(TINY, methods=[{"method": "lora", "learning_rates": [1e-3]},
-                                {"method": "ln", "learning_rates": [3e-3]}], seeds=[0])
-    out = tmp_path / "s"
-    result = subprocess.run(study_cmd(write_study(tmp_path, study), out, "--workers", "2"),
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert statuses(out) == {"sst2/lora/n16/lr0.001/seed0": "completed",
-                             "sst2/ln/n16/lr0.003/seed0": "completed"}
+    methods = [{"method": "lora", "learning_rates": [1e-3]},
+               {"method": "ln", "learning_rates": [3e-3]}]
+    assert run_two_cells(tmp_path, methods, [0], "--workers", "2") == {
+        "sst2/lora/n16/lr0.001/seed0": "completed", "sst2/ln/n16/lr0.003/seed0": "completed"}

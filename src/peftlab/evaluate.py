@@ -101,12 +101,12 @@ def rank_classify(model: nn.Module, features: Features, candidates: list[list[in
     scores = np.zeros((len(features), n_cand))
     nll = np.zeros((len(features), n_cand, 2))
     cand = pad(candidates, IGNORE_INDEX)
+    lengths = torch.tensor([len(c) for c in candidates])
+    word_mask = torch.arange(cand.shape[1])[None, :] < (lengths[:, None] - 1)  # drop EOS
     batches = sorted_batches([len(x) for x in features.input_ids], max(1, s.batch_size // n_cand))
     for idx in tqdm(batches, desc=desc, leave=False, disable=not s.progress or None):
         inputs = pad([features.input_ids[i] for i in idx], s.pad_id)
         lp = _candidate_logprobs(model, inputs, cand, s).view(len(idx), n_cand, -1).double()
-        lengths = torch.tensor([len(c) for c in candidates])
-        word_mask = torch.arange(lp.shape[-1])[None, :] < (lengths[:, None] - 1)  # drop EOS
         scores[idx] = (lp * word_mask).sum(-1).numpy()
         nll[idx, :, 0] = (-lp.sum(-1)).numpy()
         nll[idx, :, 1] = lengths.numpy()

@@ -131,10 +131,11 @@ def setup(cfg: RunConfig, for_inference: bool = False) -> Setup:
     if isinstance(method, Baseline):
         return s
     model = load_model(cfg.model)
-    s.tokenizer = load_tokenizer(cfg.tokenizer or default_tokenizer_for(cfg.model))
+    tokenizer_path = cfg.tokenizer or default_tokenizer_for(cfg.model)
+    s.tokenizer = load_tokenizer(tokenizer_path)
     s.base_params = count_parameters(model)
     torch.manual_seed(cfg.seed)  # method initialisation (LoRA A, prompt draw) follows the seed
-    ctx = MethodContext(cfg.tokenizer or default_tokenizer_for(cfg.model), cfg.max_steps)
+    ctx = MethodContext(tokenizer_path, cfg.max_steps)
     args = method.Args.model_validate(cfg.method_args)
     try:
         s.model = method.apply(model, args, ctx, for_inference)
@@ -172,10 +173,9 @@ def prepare_output(cfg: RunConfig, overwrite: bool) -> tuple[Checkpoint | None, 
                            "output_dir or pass --overwrite")
     if not (out / "config.yaml").is_file():
         return None, []
-    previous = read_yaml_mapping(out / "config.yaml")
-    if previous != cfg.model_dump():
-        changed = sorted(k for k in set(previous) | set(cfg.model_dump())
-                         if previous.get(k) != cfg.model_dump().get(k))
+    previous, current = read_yaml_mapping(out / "config.yaml"), cfg.model_dump()
+    if previous != current:
+        changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
         raise PeftlabError(f"{out} holds an unfinished run with a different config (changed: "
                            f"{', '.join(changed)}); resume it unchanged or pass --overwrite")
     ckpt = load_checkpoint(out)

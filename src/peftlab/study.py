@@ -9,6 +9,7 @@ next start skips finished runs and resumes unfinished ones from their checkpoint
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import socket
@@ -133,43 +134,39 @@ def expand(study: StudyConfig, study_dir: Path) -> list[Cell]:
             lrs = (spec.learning_rates or [None]) if trains else [None]
             sizes = study.train_sizes if depends_on_sample else [study.train_sizes[0]]
             seeds = study.seeds if depends_on_sample else [study.seeds[0]]
-            for i in range(n_sizes):
+            short = spec.size_label if spec.size_label is not None else SHORT_KNOBS.get(knob, knob)
+            for i, train_size, lr, seed in itertools.product(range(n_sizes), sizes, lrs, seeds):
                 size_args = {k: v[i] for k, v in spec.sizes.items()}
-                short = spec.size_label if spec.size_label is not None else SHORT_KNOBS.get(knob, knob)
                 label = spec.name + (f"-{short}{_fmt(size_args[knob])}" if knob else "")
-                for train_size in sizes:
-                    for lr in lrs:
-                        for seed in seeds:
-                            parts = [task_name, label]
-                            if depends_on_sample:
-                                parts += [f"n{train_size}"]
-                            if lr is not None:
-                                parts += [f"lr{_fmt(lr)}"]
-                            if depends_on_sample:
-                                parts += [f"seed{seed}"]
-                            key = "/".join(parts)
-                            if key in seen:
-                                raise ConfigError(f"two cells share the folder {key}: give the "
-                                                  "methods distinct `label`s")
-                            seen.add(key)
-                            raw = {**study.base, **task_settings, **spec.overrides,
-                                   "task": task_name, "method": spec.method,
-                                   "method_args": {**spec.method_args, **size_args},
-                                   "train_size": train_size, "seed": seed,
-                                   "output_dir": str(study_dir / key)}
-                            if lr is not None:
-                                raw["learning_rate"] = lr
-                            try:
-                                cfg = resolve_run_config(raw)
-                            except PeftlabError as e:
-                                raise ConfigError(f"study cell {key}: {e}") from None
-                            cells.append(Cell(key, cfg, {
-                                "task": task_name, "method": spec.method, "label": label,
-                                "method_name": spec.name, "size_knob": knob,
-                                "size_value": size_args.get(knob) if knob else None,
-                                "train_size": train_size, "learning_rate": cfg.learning_rate,
-                                "seed": seed, "shared_across_sizes": not depends_on_sample,
-                            }))
+                parts = [task_name, label]
+                if depends_on_sample:
+                    parts += [f"n{train_size}"]
+                if lr is not None:
+                    parts += [f"lr{_fmt(lr)}"]
+                if depends_on_sample:
+                    parts += [f"seed{seed}"]
+                key = "/".join(parts)
+                if key in seen:
+                    raise ConfigError(f"two cells share the folder {key}: give the methods "
+                                      "distinct `label`s")
+                seen.add(key)
+                raw = {**study.base, **task_settings, **spec.overrides,
+                       "task": task_name, "method": spec.method,
+                       "method_args": {**spec.method_args, **size_args},
+                       "train_size": train_size, "seed": seed, "output_dir": str(study_dir / key)}
+                if lr is not None:
+                    raw["learning_rate"] = lr
+                try:
+                    cfg = resolve_run_config(raw)
+                except PeftlabError as e:
+                    raise ConfigError(f"study cell {key}: {e}") from None
+                cells.append(Cell(key, cfg, {
+                    "task": task_name, "method": spec.method, "label": label,
+                    "method_name": spec.name, "size_knob": knob,
+                    "size_value": size_args.get(knob) if knob else None,
+                    "train_size": train_size, "learning_rate": cfg.learning_rate,
+                    "seed": seed, "shared_across_sizes": not depends_on_sample,
+                }))
     return cells
 
 

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from peftlab.errors import PeftlabError
@@ -55,14 +56,16 @@ def significance_table(study_dir: Path, best: pd.DataFrame) -> pd.DataFrame:
     """Paired bootstrap between each pair of methods (best configuration each) per size."""
     rows = []
     for (task, size), g in best.groupby(["task", "train_size"]):
+        g = g.sort_values("method_name")
+        scores = {}  # label -> {example id: score}, each configuration's files read once
+        for _, cfg in g.iterrows():
+            ids, values = per_example_scores(study_dir, cfg["keys"])
+            scores[cfg.label] = dict(zip(ids, values))
         family = []
-        for (_, a), (_, b) in itertools.combinations(g.sort_values("method_name").iterrows(), 2):
-            ids_a, scores_a = per_example_scores(study_dir, a["keys"])
-            ids_b, scores_b = per_example_scores(study_dir, b["keys"])
-            common = sorted(set(ids_a) & set(ids_b))
-            pos_a, pos_b = {i: k for k, i in enumerate(ids_a)}, {i: k for k, i in enumerate(ids_b)}
-            sa = scores_a[[pos_a[i] for i in common]]
-            sb = scores_b[[pos_b[i] for i in common]]
+        for (_, a), (_, b) in itertools.combinations(g.iterrows(), 2):
+            common = sorted(set(scores[a.label]) & set(scores[b.label]))
+            sa = np.array([scores[a.label][i] for i in common])
+            sb = np.array([scores[b.label][i] for i in common])
             result = paired_bootstrap(sa, sb)
             family.append({"task": task, "train_size": size, "a": a.label, "b": b.label,
                            "metric": a.metric, "examples": len(common),
