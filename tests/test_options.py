@@ -78,3 +78,74 @@ def test_custom_generation_task_through_the_datasets_library(tmp_path):
     })
     assert s["selection_metric"] == "rougeL"
     assert len(read_jsonl(run_dir / "predictions" / "test.jsonl")) == 4
+
+
+def test_random_batches_pad_more_than_length_grouped_ones_and_both_are_deterministic(tokenizer):
+    from peftlab.data import tokenize, training_batches
+    from peftlab.tasks import build_task, prepare_splits
+
+    splits = prepare_splits(build_task("samsum", {}), 256, 8, 8, seed=0)
+    features = tokenize(tokenizer, splits.train, 512, 128)
+
+    def padding(group: bool, seed: int = 0) -> tuple[float, list]:
+        batches = training_batches(features, 8, seed, tokenizer.pad_token_id,
+                                   group_by_length=group)
+        real = padded = 0
+        firsts = []
+        for _ in range(32):  # one epoch
+            b = next(batches)
+            real += int(b["attention_mask"].sum())
+            padded += b["attention_mask"].numel()
+            firsts.append(b["input_ids"].sum(1).tolist())  # a fingerprint per example
+        return 1 - real / padded, firsts
+
+    grouped, order_g = padding(True)
+    random, order_r = padding(False)
+    assert grouped < 0.5 * random
+    assert padding(False)[1] == order_r and padding(True)[1] == order_g
+    assert padding(False, seed=1)[1] != order_r
+
+
+def test_group_by_length_is_a_run_option(tmp_path):
+    s, run_dir = train(tmp_path, group_by_length=False)
+    assert s["status"] == "completed"
+    assert "group_by_length: false" in (run_dir / "config.yaml").read_text()
+
+
+def test_fused_adamw_takes_the_same_step_as_the_reference_implementation():
+    import torch
+
+    from peftlab.config import resolve_run_config
+    from peftlab.train import make_optimizer
+
+    cfg = resolve_run_config({"model": "t5-tiny", "task": "sst2", "method": "full",
+                              "weight_decay": 0.01})
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(64, 32)) for _ in range(3)]
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    opt_ours = make_optimizer(cfg, ours)
+    opt_plain = torch.optim.AdamW(plain, lr=cfg.learning_rate, weight_decay=0.01, foreach=False)
+    assert opt_ours.param_groups[0]["fused"] is True
+    for _ in range(5):
+        grads = [torch.randn(64, 32) for _ in ours]
+        for params, opt in ((ours, opt_ours), (plain, opt_plain)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+    for a, b in zip(ours, plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_cpu_run_flushes_denormals_to_zero(tmp_path):
+    import torch
+
+    from peftlab.config import resolve_run_config
+    from peftlab.run import setup
+
+    torch.set_flush_denormal(False)
+    tiny = torch.tensor([1e-20]) * torch.tensor([1e-20])
+    assert tiny.item() != 0.0  # 1e-40 is a float32 denormal
+    setup(resolve_run_config({"model": "t5-tiny", "task": "sst2", "method": "lora",
+                              "train_size": 8, "val_size": 8, "test_size": 8,
+                              "output_dir": str(tmp_path / "run")}))
+    assert (torch.tensor([1e-20]) * torch.tensor([1e-20])).item() == 0.0

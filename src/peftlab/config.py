@@ -38,6 +38,9 @@ class RunConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0)
     batch_size: int = Field(8, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
+    group_by_length: bool = Field(
+        True, description="batch examples of similar length (less padding); false: random batches"
+    )
     max_steps: int = Field(200, ge=0, description="optimizer steps")
     warmup_ratio: float = Field(0.06, ge=0, le=1)
     max_grad_norm: float | None = Field(1.0, gt=0)

@@ -67,8 +67,10 @@ def length_grouped_batches(lengths: list[int], batch_size: int, rng: np.random.G
 
 
 def training_batches(features: Features, batch_size: int, seed: int, pad_id: int,
-                     skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless length-grouped, dynamically padded batches, epoch after epoch.
+                     skip: int = 0, group_by_length: bool = True,
+                     ) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless dynamically padded batches, epoch after epoch: length-grouped, or random
+    (groups of one batch: sorting inside a batch changes nothing but its row order).
 
     Each epoch's order depends only on (seed, epoch), so a resumed run skips the `skip`
     batches it already consumed and continues with exactly the batches it would have seen.
@@ -76,7 +78,8 @@ def training_batches(features: Features, batch_size: int, seed: int, pad_id: int
     lengths = [len(s) + len(t) for s, t in zip(features.input_ids, features.labels)]
     epoch, seen = 0, 0
     while True:
-        batches = length_grouped_batches(lengths, batch_size, np.random.default_rng([seed, epoch]))
+        batches = length_grouped_batches(lengths, batch_size, np.random.default_rng([seed, epoch]),
+                                         group_batches=50 if group_by_length else 1)
         for idx in batches:
             if seen >= skip:
                 yield collate(features, idx, pad_id)

@@ -42,7 +42,11 @@ def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Op
         # Fixed learning rate (no relative step), as in the prompt-tuning paper.
         return Adafactor(params, lr=cfg.learning_rate, relative_step=False,
                          scale_parameter=False, warmup_init=False, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    # fused: one vectorised kernel over all parameters instead of a dozen tensor ops each.
+    # On CPU it took full fine-tuning's optimizer step from 0.40 s to 0.07 s (issue 4).
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                             fused=fused or None)
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int):
@@ -111,7 +115,8 @@ def train(
 
     model.train()
     batches = training_batches(features, cfg.batch_size, cfg.seed, pad_id,
-                               skip=(first_step - 1) * cfg.grad_accum_steps)
+                               skip=(first_step - 1) * cfg.grad_accum_steps,
+                               group_by_length=cfg.group_by_length)
     window_loss, window_examples, window_start = 0.0, 0, time.perf_counter()
     bar = tqdm(total=cfg.max_steps, initial=first_step - 1, desc="train", leave=False,
                disable=not progress or None)
@@ -131,7 +136,7 @@ def train(
                      "elapsed_s": time.perf_counter() - start, "examples_per_s": None})
             break
         if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
