@@ -10,12 +10,19 @@ Sections:
   train      training throughput per method and batch shape: peftlab's loop vs the reference
              (Seq2SeqTrainer + peft + DataCollatorForSeq2Seq), model FLOPs utilisation
   numerics   the same batches in the same order: per-step fp32 loss, peftlab vs reference
-  eval       SST-2 accuracy by rank classification vs by generation; SAMSum generation
+  bf16       bf16 autocast vs fp32, same seed and batches: speed, loss-curve drift, metric
+  batching   length-grouped vs random batches: padding, speed, and the metric after training
+  eval       SST-2 by rank classification vs generation (ours and the reference's
+             `predict_with_generate`); SAMSum generation throughput
+  cell       one ablation cell end to end (200 steps, evaluation every 50 on 200 validation
+             examples, the full test split): peftlab vs the reference pipeline, wall time
+  grid       GPU only: runs per hour with N runs sharing one GPU (`--runs-per-gpu N`)
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
@@ -26,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 MODEL = "flan-t5-small-random"
+SECTIONS = ("matmul", "train", "numerics", "bf16", "batching", "eval", "cell", "grid")
 SHAPES = {  # task, max source length, max target length
     "sst2": ("sst2", 128, 8),
     "samsum": ("samsum", 512, 128),
@@ -34,7 +42,8 @@ SHAPES = {  # task, max source length, max target length
 
 # --- what one subprocess measures ----------------------------------------------------------
 
-def _setup(method: str, shape: str, batch_size: int, n_examples: int, dropout: bool = True):
+def _setup(method: str, shape: str, batch_size: int, n_examples: int, dropout: bool = True,
+           model: str = MODEL, **overrides: Any):
     import torch
 
     from peftlab.config import resolve_run_config
@@ -43,9 +52,10 @@ def _setup(method: str, shape: str, batch_size: int, n_examples: int, dropout: b
 
     task, src, tgt = SHAPES[shape]
     cfg = resolve_run_config({
-        "model": MODEL, "task": task, "method": method, "train_size": n_examples,
+        "model": model, "task": task, "method": method, "train_size": n_examples,
         "val_size": 200, "test_size": "all", "batch_size": batch_size, "seed": 0,
         "max_source_length": src, "max_target_length": tgt, "output_dir": tempfile.mkdtemp(),
+        **overrides,
     })
     s = setup(cfg)
     if not dropout:  # the numerics check: both pipelines must draw the same (no) masks
@@ -59,6 +69,14 @@ def _setup(method: str, shape: str, batch_size: int, n_examples: int, dropout: b
     return cfg, s, features
 
 
+def _as_reference_user(s) -> None:
+    """Undo what peftlab's setup does beyond the Hugging Face defaults, so the reference
+    pipeline runs as a user would write it."""
+    import torch
+
+    torch.set_flush_denormal(False)
+
+
 def _peak_mb(device) -> float:
     import resource
 
@@ -67,6 +85,13 @@ def _peak_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def model_flops(cfg_model, enc_lens: list[int], dec_lens: list[int], full: bool) -> float:
@@ -93,25 +118,32 @@ def model_flops(cfg_model, enc_lens: list[int], dec_lens: list[int], full: bool)
 
 
 def measure_ours(method: str, shape: str, batch_size: int, steps: int, warmup: int,
-                 precision: str) -> dict[str, Any]:
+                 precision: str, model: str = MODEL, group_by_length: bool = True,
+                 ) -> dict[str, Any]:
     from peftlab.data import training_batches
     from peftlab.models import load_model
     from peftlab.train import train
 
-    cfg, s, features = _setup(method, shape, batch_size, 256)
+    cfg, s, features = _setup(method, shape, batch_size, 256, model=model)
     cfg = cfg.model_copy(update={"max_steps": warmup + steps, "log_every": warmup,
                                  "eval_every": 10**9, "warmup_ratio": 0.0,
-                                 "precision": precision})
+                                 "precision": precision, "group_by_length": group_by_length})
     bf16 = precision == "bf16"
     rows: list[dict] = []
     metric = s.task.primary_metric
-    train(s.model, s.method, cfg, features, lambda: {metric: 0.0, "loss": 0.0}, rows.append,
-          (metric, True), s.device, bf16, s.tokenizer.pad_token_id, progress=False)
+
+    def at_eval() -> dict[str, float]:  # the last step's "evaluation": only a clock sync
+        _sync(s.device)
+        return {metric: 0.0, "loss": 0.0}
+
+    train(s.model, s.method, cfg, features, at_eval, rows.append, (metric, True), s.device,
+          bf16, s.tokenizer.pad_token_id, progress=False)
     timed = next(r for r in rows if r["step"] == warmup + steps)
     seconds = timed["elapsed_s"] - next(r for r in rows if r["step"] == warmup)["elapsed_s"]
-    # the same batches again, to count their real tokens
-    batches = training_batches(features, cfg.batch_size, cfg.seed, s.tokenizer.pad_token_id)
-    enc, dec, examples = [], [], 0
+    # the same batches again, to count their real and padded tokens
+    batches = training_batches(features, cfg.batch_size, cfg.seed, s.tokenizer.pad_token_id,
+                               group_by_length=group_by_length)
+    enc, dec, examples, padded = [], [], 0, 0
     for i, b in enumerate(batches):
         if i >= warmup + steps:
             break
@@ -119,29 +151,44 @@ def measure_ours(method: str, shape: str, batch_size: int, steps: int, warmup: i
             enc += b["attention_mask"].sum(1).tolist()
             dec += (b["labels"] != -100).sum(1).tolist()
             examples += len(b["input_ids"])
-    flops = model_flops(load_model(MODEL).config, enc, dec, full=method == "full")
+            padded += b["input_ids"].numel() + b["labels"].numel()
+    flops = model_flops(load_model(model).config, enc, dec, full=method == "full")
     return {"seconds": seconds, "examples_per_s": examples / seconds,
             "tokens_per_s": (sum(enc) + sum(dec)) / seconds, "flops_per_s": flops / seconds,
+            "padding_fraction": 1 - (sum(enc) + sum(dec)) / padded,
             "peak_memory_mb": _peak_mb(s.device), "device": str(s.device)}
+
+
+def _reference_features(s, examples, src: int, tgt: int) -> list[dict[str, list[int]]]:
+    """Tokenised as the Hugging Face summarisation/translation examples do it."""
+    enc = s.tokenizer([e.source for e in examples], max_length=src, truncation=True)
+    lab = s.tokenizer(text_target=[e.target for e in examples], max_length=tgt, truncation=True)
+    return [{"input_ids": i, "labels": t} for i, t in zip(enc["input_ids"], lab["input_ids"])]
+
+
+def _reference_args(s, cfg, precision: str, **kw: Any):
+    from transformers import Seq2SeqTrainingArguments
+
+    base = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=cfg.batch_size,
+                learning_rate=cfg.learning_rate, lr_scheduler_type="linear", max_grad_norm=1.0,
+                weight_decay=0.0, optim="adamw_torch", save_strategy="no", report_to="none",
+                disable_tqdm=True, use_cpu=s.device.type == "cpu", bf16=precision == "bf16",
+                seed=0, dataloader_num_workers=0)
+    return Seq2SeqTrainingArguments(**{**base, **kw})
 
 
 def measure_reference(method: str, shape: str, batch_size: int, steps: int, warmup: int,
                       precision: str, sequential: bool = False,
                       order: list[int] | None = None, n_examples: int = 256,
-                      dropout: bool = True) -> dict[str, Any]:
+                      dropout: bool = True, model: str = MODEL) -> dict[str, Any]:
     """What the HF docs show: Seq2SeqTrainer + peft + DataCollatorForSeq2Seq."""
-    import datasets
-    from transformers import (
-        DataCollatorForSeq2Seq,
-        Seq2SeqTrainer,
-        Seq2SeqTrainingArguments,
-        TrainerCallback,
-    )
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, TrainerCallback
 
-    cfg, s, features = _setup(method, shape, batch_size, n_examples, dropout)
+    cfg, s, features = _setup(method, shape, batch_size, n_examples, dropout, model=model)
+    _as_reference_user(s)
     idx = order if order is not None else list(range(len(features)))
-    data = datasets.Dataset.from_dict({"input_ids": [features.input_ids[i] for i in idx],
-                                       "labels": [features.labels[i] for i in idx]})
+    # A plain list is a valid torch Dataset; `datasets` would add nothing to the timing.
+    data = [{"input_ids": features.input_ids[i], "labels": features.labels[i]} for i in idx]
     marks: dict[int, float] = {}
     losses: list[float] = []
 
@@ -150,21 +197,16 @@ def measure_reference(method: str, shape: str, batch_size: int, steps: int, warm
             marks[0] = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
+            _sync(s.device)
             marks[state.global_step] = time.perf_counter()
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
-    args = Seq2SeqTrainingArguments(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch_size,
-        max_steps=warmup + steps, learning_rate=cfg.learning_rate, warmup_steps=0,
-        lr_scheduler_type="linear", max_grad_norm=1.0, weight_decay=0.0, optim="adamw_torch",
-        logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
-        use_cpu=s.device.type == "cpu", bf16=precision == "bf16", seed=0,
-        train_sampling_strategy="sequential" if sequential else "random",
-        dataloader_num_workers=0,
-    )
+    args = _reference_args(s, cfg, precision, max_steps=warmup + steps, warmup_steps=0,
+                           logging_steps=1,
+                           train_sampling_strategy="sequential" if sequential else "random")
     collator = DataCollatorForSeq2Seq(s.tokenizer, model=s.model, padding=True,
                                       label_pad_token_id=-100)
     trainer = Seq2SeqTrainer(model=s.model, args=args, train_dataset=data,
@@ -176,28 +218,30 @@ def measure_reference(method: str, shape: str, batch_size: int, steps: int, warm
             "peak_memory_mb": _peak_mb(s.device)}
 
 
-def measure_numerics(method: str, steps: int) -> dict[str, Any]:
+def measure_numerics(method: str, steps: int, model: str = MODEL) -> dict[str, Any]:
     """Same batches, same order, fp32: per-step losses of both pipelines."""
     import numpy as np
 
     from peftlab.data import length_grouped_batches
 
-    cfg, s, features = _setup(method, "sst2", 8, 64, dropout=False)
+    cfg, s, features = _setup(method, "sst2", 8, 64, dropout=False, model=model)
     lengths = [len(a) + len(b) for a, b in zip(features.input_ids, features.labels)]
     order = [i for b in length_grouped_batches(lengths, 8, np.random.default_rng([0, 0]))
              for i in b]  # peftlab's first epoch, flattened: 8 full batches of 8
-    ours = subprocess_measure("ours-losses", method=method, steps=steps)
+    ours = subprocess_measure("ours-losses", method=method, steps=steps, model=model)
     ref = subprocess_measure("reference", method=method, shape="sst2", batch_size=8, steps=steps,
                              warmup=0, precision="fp32", sequential=True, order=order,
-                             n_examples=64, dropout=False)
+                             n_examples=64, dropout=False, model=model)
+    if "error" in ours or "error" in ref:
+        return {"error": ours.get("error") or ref.get("error")}
     diffs = [abs(a - b) for a, b in zip(ours["losses"], ref["losses"])]
     return {"ours": ours["losses"], "reference": ref["losses"], "max_abs_diff": max(diffs)}
 
 
-def measure_ours_losses(method: str, steps: int) -> dict[str, Any]:
+def measure_ours_losses(method: str, steps: int, model: str = MODEL) -> dict[str, Any]:
     from peftlab.train import train
 
-    cfg, s, features = _setup(method, "sst2", 8, 64, dropout=False)
+    cfg, s, features = _setup(method, "sst2", 8, 64, dropout=False, model=model)
     cfg = cfg.model_copy(update={"max_steps": steps, "log_every": 1, "eval_every": 10**9,
                                  "warmup_ratio": 0.0, "precision": "fp32"})
     rows: list[dict] = []
@@ -207,23 +251,52 @@ def measure_ours_losses(method: str, steps: int) -> dict[str, Any]:
     return {"losses": [r["train_loss"] for r in rows if r["step"] > 0]}
 
 
-def measure_eval(shape: str, n: int, batch_size: int) -> dict[str, Any]:
+def measure_curve(method: str, shape: str, steps: int, precision: str, model: str = MODEL,
+                  group_by_length: bool = True, train_size: int = 1000) -> dict[str, Any]:
+    """A real (short) run: its training-loss curve, speed, and validation metric at the end."""
+    from peftlab.config import resolve_run_config
+    from peftlab.files import read_jsonl
+    from peftlab.run import run
+
+    task, src, tgt = SHAPES[shape]
+    cfg = resolve_run_config({
+        "model": model, "task": task, "method": method, "train_size": train_size,
+        "val_size": 200, "test_size": 8, "seed": 0, "max_steps": steps, "eval_every": steps,
+        "log_every": 10, "max_source_length": src, "max_target_length": tgt,
+        "precision": precision, "group_by_length": group_by_length,
+        "output_dir": tempfile.mkdtemp(),
+    })
+    summary = run(cfg, progress=False)
+    rows = read_jsonl(Path(cfg.output_dir) / "metrics.jsonl")
+    train_rows = [r for r in rows if r["step"] > 0]
+    # training time: the clock between the step-0 evaluation and the final one
+    train_s = train_rows[-1]["elapsed_s"] - rows[0]["elapsed_s"]
+    metric = summary["selection_metric"]
+    return {"steps": [r["step"] for r in train_rows],
+            "losses": [r["train_loss"] for r in train_rows],
+            "val_metric": rows[-1][f"val_{metric}"], "metric": metric,
+            "examples_per_s": steps * cfg.batch_size / train_s, "status": summary["status"]}
+
+
+def measure_eval(shape: str, n: int, batch_size: int, model: str = MODEL) -> dict[str, Any]:
+    from peftlab.data import tokenize
     from peftlab.evaluate import generate, rank_classify
 
-    cfg, s, _ = _setup("untuned", shape, batch_size, 16)
+    cfg, s, _ = _setup("untuned", shape, batch_size, 16, model=model)
     examples = s.splits.test[:n]
-    from peftlab.data import tokenize
-
     task, src, tgt = SHAPES[shape]
     feats = tokenize(s.tokenizer, examples, src, tgt)
     settings = s.eval_settings("test", progress=False)
     settings.batch_size = batch_size
-    settings.max_new_tokens = 8 if shape == "sst2" else 64
-    out: dict[str, Any] = {"examples": len(examples)}
+    out: dict[str, Any] = {"examples": len(examples), "max_new_tokens": settings.max_new_tokens}
     if shape == "sst2":
         candidates = [s.tokenizer(w)["input_ids"] for w in s.task.label_words]
+        warm = tokenize(s.tokenizer, examples[:batch_size], src, tgt)
+        rank_classify(s.model, warm, candidates, settings)  # warm-up: first-call allocations
+        _sync(s.device)
         t = time.perf_counter()
         rank_classify(s.model, feats, candidates, settings)
+        _sync(s.device)
         out["rank_examples_per_s"] = len(examples) / (time.perf_counter() - t)
     t = time.perf_counter()
     generate(s.model, s.tokenizer, feats, settings)
@@ -231,11 +304,127 @@ def measure_eval(shape: str, n: int, batch_size: int) -> dict[str, Any]:
     return out
 
 
-def measure_matmul(size: int = 2048, repeats: int = 10) -> dict[str, float]:
+def measure_reference_eval(shape: str, n: int, batch_size: int, precision: str,
+                           max_new_tokens: int | None = None,
+                           model: str = MODEL) -> dict[str, Any]:
+    """`Seq2SeqTrainer.predict` with `predict_with_generate`, as the HF examples evaluate."""
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer
+
+    cfg, s, _ = _setup("untuned", shape, batch_size, 16, model=model)
+    _as_reference_user(s)
+    task, src, tgt = SHAPES[shape]
+    data = _reference_features(s, s.splits.test[:n], src, tgt)
+    args = _reference_args(s, cfg, precision, per_device_eval_batch_size=batch_size,
+                           predict_with_generate=True,
+                           generation_max_length=max_new_tokens and max_new_tokens + 1)
+    collator = DataCollatorForSeq2Seq(s.tokenizer, model=s.model, padding=True,
+                                      label_pad_token_id=-100)
+    trainer = Seq2SeqTrainer(model=s.model, args=args, data_collator=collator)
+    t = time.perf_counter()
+    predictions = trainer.predict(data).predictions
+    s.tokenizer.batch_decode(predictions.clip(min=0), skip_special_tokens=True)
+    return {"examples": len(data), "examples_per_s": len(data) / (time.perf_counter() - t),
+            "generation_max_length": args.generation_max_length}
+
+
+CELL = {"max_steps": 200, "eval_every": 50, "val_size": 200, "test_size": "all"}
+
+
+def measure_cell_ours(shape: str, method: str, precision: str, model: str = MODEL
+                      ) -> dict[str, Any]:
+    """`peftlab train` of one ablation cell: step-0 evaluation included, checkpoints written."""
+    from peftlab.config import resolve_run_config
+    from peftlab.run import run
+
+    task, src, tgt = SHAPES[shape]
+    start = time.perf_counter()
+    cfg = resolve_run_config({"model": model, "task": task, "method": method, "seed": 0,
+                              "train_size": 1000, "precision": precision, **CELL,
+                              "output_dir": tempfile.mkdtemp()})
+    summary = run(cfg, progress=False)
+    return {"seconds": time.perf_counter() - start, "test_metrics": summary["test_metrics"],
+            "test_examples": _count_lines(Path(cfg.output_dir) / "predictions" / "test.jsonl")}
+
+
+def _count_lines(path: Path) -> int:
+    return sum(1 for _ in path.open())
+
+
+def measure_cell_reference(shape: str, method: str, precision: str, model: str = MODEL
+                           ) -> dict[str, Any]:
+    """The same cell as the HF examples would run it: Seq2SeqTrainer evaluating with
+    `predict_with_generate` every 50 steps, keeping the best checkpoint by the validation
+    metric (`load_best_model_at_end`), then `predict` on the test split."""
+    import numpy as np
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer
+
+    start = time.perf_counter()
+    task, src, tgt = SHAPES[shape]
+    cfg, s, _ = _setup(method, shape, 8, 1000, model=model, **CELL)
+    _as_reference_user(s)
+    train_data = _reference_features(s, s.splits.train, src, tgt)
+    val_data = _reference_features(s, s.splits.validation, src, tgt)
+    test_data = _reference_features(s, s.splits.test, src, tgt)
+    metric = s.task.primary_metric
+
+    def compute_metrics(pred) -> dict[str, float]:
+        ids = np.where(pred.predictions < 0, s.tokenizer.pad_token_id, pred.predictions)
+        texts = [t.strip() for t in s.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        labels = np.where(pred.label_ids < 0, s.tokenizer.pad_token_id, pred.label_ids)
+        refs = [t.strip() for t in s.tokenizer.batch_decode(labels, skip_special_tokens=True)]
+        if shape == "sst2":
+            return {metric: float(np.mean([p == r for p, r in zip(texts, refs)]))}
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+        return {metric: float(np.mean([scorer.score(r, p)["rougeL"].fmeasure
+                                       for p, r in zip(texts, refs)]))}
+
+    args = _reference_args(
+        s, cfg, precision, max_steps=CELL["max_steps"],
+        warmup_steps=math.ceil(cfg.warmup_ratio * CELL["max_steps"]),
+        logging_steps=cfg.log_every, eval_strategy="steps", eval_steps=CELL["eval_every"],
+        save_strategy="steps", save_steps=CELL["eval_every"], save_total_limit=2,
+        load_best_model_at_end=True, metric_for_best_model=metric, greater_is_better=True,
+        per_device_eval_batch_size=cfg.eval_batch_size, predict_with_generate=True,
+        generation_max_length=cfg.max_new_tokens + 1,
+    )
+    collator = DataCollatorForSeq2Seq(s.tokenizer, model=s.model, padding=True,
+                                      label_pad_token_id=-100)
+    trainer = Seq2SeqTrainer(model=s.model, args=args, train_dataset=train_data,
+                             eval_dataset=val_data, data_collator=collator,
+                             compute_metrics=compute_metrics)
+    trainer.train()
+    test = trainer.predict(test_data)
+    return {"seconds": time.perf_counter() - start, "test_metrics": test.metrics,
+            "test_examples": len(test_data)}
+
+
+def measure_grid(runs_per_gpu: int, n_runs: int, model: str = MODEL,
+                 max_steps: int = CELL["max_steps"]) -> dict[str, Any]:
+    """`n_runs` SST-2 LoRA cells through the study runner with `runs_per_gpu` workers."""
+    from peftlab.config import resolve_run_config
+    from peftlab.study import Cell, execute
+
+    root = Path(tempfile.mkdtemp())
+    cells = [Cell(f"seed{i}", resolve_run_config({
+        "model": model, "task": "sst2", "method": "lora", "seed": i, "train_size": 1000,
+        **CELL, "max_steps": max_steps, "eval_every": max(1, max_steps // 4),
+        "output_dir": str(root / f"seed{i}")}), {"seed": i}) for i in range(n_runs)]
+    start = time.perf_counter()
+    counts = execute(cells, workers=runs_per_gpu, runs_per_gpu=runs_per_gpu, progress=False)
+    seconds = time.perf_counter() - start
+    return {"runs": n_runs, "max_steps": max_steps, "seconds": seconds,
+            "runs_per_hour": 3600 * n_runs / seconds, "statuses": counts}
+
+
+def measure_matmul(size: int | None = None, repeats: int = 10) -> dict[str, float]:
     import torch
 
-    out = {}
+    out: dict[str, float] = {}
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    size = size or (8192 if device == "cuda" else 2048)  # a GPU needs big ones to reach peak
+    out["size"] = size
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a = torch.randn(size, size, device=device, dtype=dtype)
         b = torch.randn(size, size, device=device, dtype=dtype)
@@ -253,7 +442,10 @@ def measure_matmul(size: int = 2048, repeats: int = 10) -> dict[str, float]:
 
 
 WORKERS = {"ours": measure_ours, "reference": measure_reference, "eval": measure_eval,
-           "matmul": measure_matmul, "ours-losses": measure_ours_losses}
+           "reference-eval": measure_reference_eval, "matmul": measure_matmul,
+           "ours-losses": measure_ours_losses, "curve": measure_curve,
+           "cell-ours": measure_cell_ours, "cell-reference": measure_cell_reference,
+           "grid": measure_grid}
 
 
 def subprocess_measure(kind: str, **kwargs: Any) -> dict[str, Any]:
@@ -269,60 +461,152 @@ def subprocess_measure(kind: str, **kwargs: Any) -> dict[str, Any]:
 # --- the benchmark -------------------------------------------------------------------------
 
 def run_benchmark(out_dir: Path, methods: list[str], shapes: list[str], steps: int,
-                  warmup: int, precision: str, sections: list[str],
+                  warmup: int, precision: str, sections: list[str], model: str = MODEL,
+                  curve_steps: int = 100, grid_runs: int = 2, grid_steps: int = 200,
+                  runs_per_gpu: tuple[int, ...] = (1, 2, 4, 8), keep: bool = False,
                   log: Any = print) -> dict[str, Any]:
     import torch
 
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"unknown bench section(s) {unknown}; choose from {list(SECTIONS)}")
+    cuda = torch.cuda.is_available()
     results: dict[str, Any] = {
-        "date": time.strftime("%Y-%m-%d"), "model": MODEL, "precision": precision,
+        "date": time.strftime("%Y-%m-%d"), "model": model, "precision": precision,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"
-                   + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""),
+                   + (f", {torch.cuda.get_device_name(0)}" if cuda else ""),
         "torch": torch.__version__, "steps": steps, "warmup": warmup,
+        "curve_steps": curve_steps,
     }
+    previous = out_dir / "bench.json"
+    if keep and previous.is_file():  # add to the sections measured before in the same setting
+        old = json.loads(previous.read_text())
+        same = ("machine", "torch", "model", "precision", "steps", "warmup", "curve_steps")
+        if all(old.get(k) == results[k] for k in same):
+            results = {**old, **results}
+        else:
+            log(f"{previous}: measured in another setting; not kept")
+    m = {"model": model}
+
+    def save(section: str, value: Any) -> None:
+        results[section] = value
+        log(f"{section}: {json.dumps(_short(value))}")
+        _save(out_dir, results)
+
     if "matmul" in sections or "train" in sections:
-        results["matmul"] = subprocess_measure("matmul")
-        log(f"matmul peak: {json.dumps(results['matmul'])}")
+        save("matmul", subprocess_measure("matmul"))
     if "train" in sections:
-        results["train"] = {}
-        peak = results["matmul"][f"{precision}_flops_per_s"]
+        peak = results["matmul"].get(f"{precision}_flops_per_s")
+        table = dict(results.get("train", {}))
         for shape in shapes:
-            batch = 8
             for method in methods:
-                ours = subprocess_measure("ours", method=method, shape=shape, batch_size=batch,
-                                          steps=steps, warmup=warmup, precision=precision)
-                ref = subprocess_measure("reference", method=method, shape=shape,
-                                         batch_size=batch, steps=steps, warmup=warmup,
-                                         precision=precision)
+                kw = dict(method=method, shape=shape, batch_size=8, steps=steps, warmup=warmup,
+                          precision=precision, **m)
+                ours, ref = subprocess_measure("ours", **kw), subprocess_measure("reference", **kw)
                 row = {"ours": ours, "reference": ref}
                 if "error" not in ours and "error" not in ref:
                     row["speedup"] = ours["examples_per_s"] / ref["examples_per_s"]
-                    row["mfu"] = ours["flops_per_s"] / peak
-                results["train"][f"{shape}/{method}"] = row
-                log(f"train {shape}/{method}: {json.dumps(_short(row))}")
-                _save(out_dir, results)
+                    row["mfu"] = ours["flops_per_s"] / peak if peak else None
+                table[f"{shape}/{method}"] = row
+                save("train", table)
     if "numerics" in sections:
-        results["numerics"] = {m: measure_numerics(m, 8) for m in ("lora", "full")}
-        log(f"numerics: {json.dumps({m: r['max_abs_diff'] for m, r in results['numerics'].items()})}")
+        save("numerics", {method: measure_numerics(method, 8, model)
+                          for method in ("lora", "full")})
+    if "bf16" in sections:
+        table = dict(results.get("bf16", {}))
+        for method in ("lora", "full"):
+            kw = dict(method=method, shape="sst2", steps=curve_steps, **m)
+            fp32 = subprocess_measure("curve", precision="fp32", **kw)
+            bf16 = subprocess_measure("curve", precision="bf16", **kw)
+            table[method] = _compare_curves(fp32, bf16, "fp32", "bf16")
+            save("bf16", table)
+    if "batching" in sections:
+        table = dict(results.get("batching", {}))
+        for shape in shapes:
+            kw = dict(method="lora", shape=shape, batch_size=8, steps=steps, warmup=warmup,
+                      precision=precision, **m)
+            grouped = subprocess_measure("ours", group_by_length=True, **kw)
+            random = subprocess_measure("ours", group_by_length=False, **kw)
+            row: dict[str, Any] = {"grouped": grouped, "random": random}
+            if "error" not in grouped and "error" not in random:
+                row["speedup"] = grouped["examples_per_s"] / random["examples_per_s"]
+            if shape == "sst2":  # the metric after training, both ways (SAMSum: too slow here)
+                ckw = dict(method="lora", shape=shape, steps=curve_steps, precision=precision,
+                           **m)
+                row["curves"] = _compare_curves(
+                    subprocess_measure("curve", group_by_length=False, **ckw),
+                    subprocess_measure("curve", group_by_length=True, **ckw), "random", "grouped")
+            table[shape] = row
+            save("batching", table)
     if "eval" in sections:
-        results["eval"] = {
-            "sst2": subprocess_measure("eval", shape="sst2", n=872, batch_size=64),
-            "samsum": subprocess_measure("eval", shape="samsum", n=64, batch_size=32),
-        }
-        sst2 = results["eval"]["sst2"]
-        if "rank_examples_per_s" in sst2:
-            sst2["rank_speedup"] = sst2["rank_examples_per_s"] / sst2["generate_examples_per_s"]
-        log(f"eval: {json.dumps(results['eval'])}")
+        table = dict(results.get("eval", {}))
+        if "sst2" in shapes:
+            ours = subprocess_measure("eval", shape="sst2", n=872, batch_size=64, **m)
+            ref_kw = dict(shape="sst2", n=872, batch_size=64, precision=precision, **m)
+            # An untrained model never stops early, so the reference generates to its
+            # default limit (20 tokens); a trained one stops after the label word: `short`.
+            ref = subprocess_measure("reference-eval", **ref_kw)
+            ref_short = subprocess_measure("reference-eval", max_new_tokens=4, **ref_kw)
+            table["sst2"] = {"ours": ours, "reference": ref, "reference_short": ref_short}
+            if all("error" not in r for r in (ours, ref, ref_short)):
+                rank = ours["rank_examples_per_s"]
+                table["sst2"].update({
+                    "rank_vs_own_generation": rank / ours["generate_examples_per_s"],
+                    "rank_vs_reference": rank / ref["examples_per_s"],
+                    "rank_vs_reference_short": rank / ref_short["examples_per_s"]})
+            save("eval", table)
+        if "samsum" in shapes:
+            n = 819 if cuda else 64
+            ours = subprocess_measure("eval", shape="samsum", n=n, batch_size=32, **m)
+            ref = subprocess_measure("reference-eval", shape="samsum", n=n, batch_size=32,
+                                     precision=precision, max_new_tokens=96, **m)
+            table["samsum"] = {"ours": ours, "reference": ref}
+            if "error" not in ours and "error" not in ref:
+                table["samsum"]["speedup"] = (ours["generate_examples_per_s"]
+                                              / ref["examples_per_s"])
+            save("eval", table)
+    if "cell" in sections:
+        table = dict(results.get("cell", {}))
+        for shape in shapes:
+            kw = dict(shape=shape, method="lora", precision=precision, **m)
+            ours = subprocess_measure("cell-ours", **kw)
+            ref = subprocess_measure("cell-reference", **kw)
+            table[shape] = {"ours": ours, "reference": ref}
+            if "error" not in ours and "error" not in ref:
+                table[shape]["speedup"] = ref["seconds"] / ours["seconds"]
+            save("cell", table)
+    if "grid" in sections:
+        if not cuda:
+            log("grid: skipped (no GPU: --runs-per-gpu places runs on GPUs)")
+        else:
+            table = dict(results.get("grid", {}))
+            for n in runs_per_gpu:
+                table[str(n)] = subprocess_measure("grid", runs_per_gpu=n, n_runs=grid_runs * n,
+                                                   max_steps=grid_steps, **m)
+                save("grid", table)
     _save(out_dir, results)
     return results
 
 
-def _short(row: dict) -> dict:
-    out = {k: round(v, 3) for k, v in row.items() if isinstance(v, float)}
-    for side in ("ours", "reference"):
-        r = row[side]
-        out[side] = r.get("error") or {"ex/s": round(r["examples_per_s"], 2),
-                                       "MB": round(r["peak_memory_mb"])}
+def _compare_curves(a: dict, b: dict, name_a: str, name_b: str) -> dict[str, Any]:
+    out: dict[str, Any] = {name_a: a, name_b: b}
+    if "error" in a or "error" in b:
+        return out
+    diffs = [abs(x - y) for x, y in zip(a["losses"], b["losses"])]
+    out.update({"max_abs_loss_diff": max(diffs), "mean_abs_loss_diff": sum(diffs) / len(diffs),
+                "final_loss": {name_a: a["losses"][-1], name_b: b["losses"][-1]},
+                "val_metric": {name_a: a["val_metric"], name_b: b["val_metric"]},
+                "speedup": b["examples_per_s"] / a["examples_per_s"]})
     return out
+
+
+def _short(value: Any) -> Any:
+    """The log line of a section: numbers rounded, curves left out."""
+    if isinstance(value, dict):
+        return {k: _short(v) for k, v in value.items() if k not in ("losses", "steps")}
+    if isinstance(value, float):
+        return round(value, 3)
+    return value
 
 
 def _save(out_dir: Path, results: dict) -> None:
@@ -332,15 +616,23 @@ def _save(out_dir: Path, results: dict) -> None:
     atomic_write_text(out_dir / "bench.md", markdown(results))
 
 
+def _f(value: Any, fmt: str) -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) else "–"
+
+
 def markdown(r: dict) -> str:
     lines = [f"# peftlab benchmark ({r['date']}, {r['machine']}, torch {r['torch']}, "
              f"{r['model']}, {r['precision']})", ""]
-    if "matmul" in r:
+    if "matmul" in r and "error" not in r["matmul"]:
         m = r["matmul"]
-        lines += [f"Measured matmul peak (2048x2048): fp32 {m['fp32_flops_per_s'] / 1e9:.0f} "
-                  f"GFLOP/s, bf16 {m['bf16_flops_per_s'] / 1e9:.0f} GFLOP/s.", ""]
+        scale, unit = (1e12, "TFLOP/s") if m["fp32_flops_per_s"] > 5e12 else (1e9, "GFLOP/s")
+        lines += [f"Measured matmul peak ({m.get('size', 2048)}x{m.get('size', 2048)}): fp32 "
+                  f"{m['fp32_flops_per_s'] / scale:.0f} {unit}, bf16 "
+                  f"{m['bf16_flops_per_s'] / scale:.0f} {unit}. MFU is against the "
+                  f"{r['precision']} peak.", ""]
     if "train" in r:
-        lines += [f"Training, batch 8, {r['steps']} timed steps after {r['warmup']} warm-up:", "",
+        lines += [f"## Training throughput, batch 8, {r['steps']} timed steps after "
+                  f"{r['warmup']} warm-up", "",
                   "| shape/method | peftlab ex/s | reference ex/s | speedup | peftlab tok/s | "
                   "MFU | peftlab peak MB | reference peak MB |", "|---|---|---|---|---|---|---|---|"]
         for key, row in r["train"].items():
@@ -348,22 +640,88 @@ def markdown(r: dict) -> str:
             if "error" in o or "error" in f:
                 lines.append(f"| {key} | {o.get('error', '')} | {f.get('error', '')} | | | | | |")
                 continue
+            mfu = 100 * row["mfu"] if row.get("mfu") is not None else None
             lines.append(f"| {key} | {o['examples_per_s']:.2f} | {f['examples_per_s']:.2f} | "
-                         f"{row['speedup']:.2f}x | {o['tokens_per_s']:.0f} | {100 * row['mfu']:.1f}% "
+                         f"{row['speedup']:.2f}x | {o['tokens_per_s']:.0f} | {_f(mfu, '.1f')}% "
                          f"| {o['peak_memory_mb']:.0f} | {f['peak_memory_mb']:.0f} |")
         lines.append("")
     if "numerics" in r:
-        lines += ["Same batches, same order, fp32 (8 steps): max |loss difference| "
-                  + ", ".join(f"{m} {v['max_abs_diff']:.2e}" for m, v in r["numerics"].items()), ""]
+        lines += ["## Numerics", "", "Same batches, same order, fp32 (8 steps): max |loss "
+                  "difference| peftlab vs reference: " + ", ".join(
+                      f"{k} {_f(v.get('max_abs_diff'), '.2e')}" for k, v in r["numerics"].items()),
+                  ""]
+    if "bf16" in r:
+        lines += [f"## bf16 autocast vs fp32 (SST-2, {r['curve_steps']} steps, same seed)", "",
+                  "| method | bf16 speedup | max abs loss diff | mean abs loss diff | "
+                  "val metric fp32 | val metric bf16 |", "|---|---|---|---|---|---|"]
+        for method, c in r["bf16"].items():
+            if "speedup" not in c:
+                lines.append(f"| {method} | error: {c['fp32'].get('error') or c['bf16'].get('error')}"
+                             " | | | | |")
+                continue
+            lines.append(f"| {method} | {c['speedup']:.2f}x | {c['max_abs_loss_diff']:.4f} | "
+                         f"{c['mean_abs_loss_diff']:.4f} | {c['val_metric']['fp32']:.2f} | "
+                         f"{c['val_metric']['bf16']:.2f} |")
+        lines.append("")
+    if "batching" in r:
+        lines += ["## Length-grouped vs random batches (LoRA)", "",
+                  "| shape | padding grouped | padding random | speedup | val metric random | "
+                  "val metric grouped |", "|---|---|---|---|---|---|"]
+        for shape, row in r["batching"].items():
+            g, rn = row["grouped"], row["random"]
+            c = row.get("curves", {}).get("val_metric", {})
+            lines.append(f"| {shape} | {_f(g.get('padding_fraction'), '.1%')} | "
+                         f"{_f(rn.get('padding_fraction'), '.1%')} | "
+                         f"{_f(row.get('speedup'), '.2f')}x | {_f(c.get('random'), '.2f')} | "
+                         f"{_f(c.get('grouped'), '.2f')} |")
+        lines.append("")
     if "eval" in r:
-        e = r["eval"]
-        lines += [f"SST-2 test ({e['sst2'].get('examples')} examples): rank classification "
-                  f"{e['sst2'].get('rank_examples_per_s', 0):.1f} ex/s vs generation "
-                  f"{e['sst2'].get('generate_examples_per_s', 0):.1f} ex/s "
-                  f"({e['sst2'].get('rank_speedup', 0):.1f}x). SAMSum greedy generation, "
-                  f"length-sorted batches of 32, up to 64 new tokens: "
-                  f"{e['samsum'].get('generate_examples_per_s', 0):.2f} ex/s.", ""]
+        lines += ["## Evaluation", ""]
+        e = r["eval"].get("sst2")
+        if e and "rank_vs_reference" in e:
+            lines += [
+                f"SST-2 test ({e['ours']['examples']} examples, batch 64): rank classification "
+                f"{e['ours']['rank_examples_per_s']:.1f} ex/s; peftlab's own sorted generation "
+                f"{e['ours']['generate_examples_per_s']:.1f} ex/s "
+                f"({e['rank_vs_own_generation']:.1f}x); reference `predict_with_generate` "
+                f"{e['reference']['examples_per_s']:.1f} ex/s with its default length limit "
+                f"(an untrained model never stops early) ({e['rank_vs_reference']:.1f}x), "
+                f"{e['reference_short']['examples_per_s']:.1f} ex/s when capped at the label "
+                f"word's length ({e['rank_vs_reference_short']:.1f}x).", ""]
+        e = r["eval"].get("samsum")
+        if e and "speedup" in e:
+            lines += [f"SAMSum greedy generation ({e['ours']['examples']} test examples, batch "
+                      f"32, up to 96 new tokens): peftlab {e['ours']['generate_examples_per_s']:.2f}"
+                      f" ex/s (length-sorted), reference {e['reference']['examples_per_s']:.2f} "
+                      f"ex/s ({e['speedup']:.2f}x).", ""]
+    if "cell" in r:
+        lines += ["## One ablation cell end to end (LoRA, 200 steps, validation every 50 on 200 "
+                  "examples, full test split)", "",
+                  "| task | peftlab s | reference s | speedup | peftlab test | reference test |",
+                  "|---|---|---|---|---|---|"]
+        for shape, row in r["cell"].items():
+            o, f = row["ours"], row["reference"]
+            if "speedup" not in row:
+                lines.append(f"| {shape} | {o.get('error', '')} | {f.get('error', '')} | | | |")
+                continue
+            lines.append(f"| {shape} | {o['seconds']:.1f} | {f['seconds']:.1f} | "
+                         f"{row['speedup']:.2f}x | {_metrics(o['test_metrics'])} | "
+                         f"{_metrics(f['test_metrics'])} |")
+        lines.append("")
+    if "grid" in r:
+        lines += ["## Grid throughput on one GPU (`--runs-per-gpu N`, SST-2 LoRA cells)", "",
+                  "| N | runs | steps per run | seconds | runs/hour |", "|---|---|---|---|---|"]
+        for n, row in sorted(r["grid"].items(), key=lambda kv: int(kv[0])):
+            lines.append(f"| {n} | {row.get('runs', '')} | {row.get('max_steps', '')} | "
+                         f"{_f(row.get('seconds'), '.1f')} | {_f(row.get('runs_per_hour'), '.0f')} |"
+                         if "error" not in row else f"| {n} | error: {row['error']} | | | |")
+        lines.append("")
     return "\n".join(lines)
+
+
+def _metrics(metrics: dict) -> str:
+    return ", ".join(f"{k.removeprefix('test_')} {v:.3f}" for k, v in metrics.items()
+                     if isinstance(v, float) and not k.endswith(("runtime", "per_second", "loss")))
 
 
 if __name__ == "__main__":  # a measurement subprocess: kind, JSON kwargs, output file

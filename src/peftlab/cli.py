@@ -129,21 +129,42 @@ def bench_cmd(
         "benchmarks/results"),
     methods: Annotated[str, typer.Option(help="comma-separated")] = "full,lora,prompt,prefix,ia3",
     shapes: Annotated[str, typer.Option(help="sst2,samsum")] = "sst2,samsum",
-    sections: Annotated[str, typer.Option(help="matmul,train,numerics,eval")] = (
-        "matmul,train,numerics,eval"),
+    sections: Annotated[str, typer.Option(
+        help="matmul,train,numerics,bf16,batching,eval,cell,grid")] = (
+        "matmul,train,numerics,bf16,batching,eval,cell"),
     steps: Annotated[int, typer.Option(min=1, help="timed training steps")] = 10,
     warmup: Annotated[int, typer.Option(min=1, help="untimed steps first")] = 3,
     precision: Annotated[str, typer.Option(help="fp32 or bf16")] = "fp32",
+    model: Annotated[str, typer.Option(help="model preset, hub id or folder")] = "flan-t5-small-random",
+    curve_steps: Annotated[int, typer.Option(min=10, help="steps of the precision and batching runs")] = 100,
+    grid_runs: Annotated[int, typer.Option(min=1, help="grid: runs per worker")] = 2,
+    grid_steps: Annotated[int, typer.Option(min=4, help="grid: training steps per run")] = 200,
+    runs_per_gpu: Annotated[str, typer.Option(help="grid: N values, comma-separated")] = "1,2,4,8",
+    keep: Annotated[bool, typer.Option(
+        help="keep the other sections already in OUT/bench.json (same machine and settings)")] = False,
 ) -> None:
     """Measure speed against the Seq2SeqTrainer + peft pipeline, in one run, side by side."""
-    from peftlab.bench import run_benchmark
+    from peftlab.bench import SECTIONS, SHAPES, run_benchmark
+
+    def fail(message: str) -> None:
+        err_console.print(f"[bold red]error:[/] {message}")
+        raise typer.Exit(2)
 
     if precision not in ("fp32", "bf16"):
-        err_console.print(f"[bold red]error:[/] --precision must be fp32 or bf16, got {precision!r}")
-        raise typer.Exit(2)
-    _guarded(lambda: run_benchmark(out, methods.split(","), shapes.split(","), steps, warmup,
-                                   precision, sections.split(","),
-                                   log=lambda m: console.print(m, soft_wrap=True, highlight=False)))
+        fail(f"--precision must be fp32 or bf16, got {precision!r}")
+    for flag, given, allowed in (("--sections", sections, SECTIONS), ("--shapes", shapes, SHAPES)):
+        wrong = [x for x in given.split(",") if x not in allowed]
+        if wrong:
+            fail(f"{flag}: unknown {', '.join(map(repr, wrong))}; choose from {', '.join(allowed)}")
+    try:
+        n_values = tuple(int(n) for n in runs_per_gpu.split(","))
+    except ValueError:
+        fail(f"--runs-per-gpu must be comma-separated integers, got {runs_per_gpu!r}")
+    _guarded(lambda: run_benchmark(
+        out, methods.split(","), shapes.split(","), steps, warmup, precision, sections.split(","),
+        model=model, curve_steps=curve_steps, grid_runs=grid_runs, grid_steps=grid_steps,
+        runs_per_gpu=n_values,
+        keep=keep, log=lambda m: console.print(m, soft_wrap=True, highlight=False)))
     console.print(f"results: {out / 'bench.md'}", soft_wrap=True)
 
 

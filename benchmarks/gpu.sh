@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The GPU figures (benchmarks/results/gpu/): one script, sections in order of importance, so
+# that a run cut short by a time limit still leaves the first ones in OUT/bench.{json,md}.
+# usage: PEFTLAB_DATA_DIR=../shared/data bash benchmarks/gpu.sh [OUT]
+set -uo pipefail
+out=${1:-benchmarks/results/gpu}
+bench() { python3 -m peftlab bench --out "$out" --model "${BENCH_MODEL:-flan-t5-small-random}" --precision bf16 --steps 30 --warmup 10 "$@"; }
+python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers',
+transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name(0))" || exit 1
+bench --sections matmul,train --shapes sst2
+bench --keep --sections grid,cell --shapes sst2
+bench --keep --sections train --shapes samsum
+bench --keep --sections eval --shapes sst2,samsum

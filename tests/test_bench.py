@@ -1,0 +1,84 @@
+"""`peftlab bench`: the FLOP count, the report, flag checking, and real measurements on t5-tiny."""
+
+import json
+from types import SimpleNamespace
+
+from typer.testing import CliRunner
+
+from peftlab.bench import markdown, model_flops, run_benchmark
+from peftlab.cli import app
+
+runner = CliRunner()
+
+
+def test_model_flops_counts_each_matmul_once_per_token():
+    c = SimpleNamespace(d_model=4, num_heads=2, d_kv=3, d_ff=5, vocab_size=7, num_layers=1,
+                        num_decoder_layers=1)
+    inner = 6
+    enc = 4 * 4 * inner + 3 * 4 * 5 + 2 * 1 * inner  # one encoder token
+    dec = (4 * 4 * inner + 3 * 4 * 5 + 1 * inner) + (2 * 4 * inner + 2 * 1 * inner) + 2 * 4 * inner
+    head = 4 * 7
+    frozen = model_flops(c, [1], [1], full=False)
+    assert frozen == 2 * (enc + dec + head) * 2
+    assert model_flops(c, [1], [1], full=True) == frozen * 3 / 2
+    # attention grows with the square of the length, the rest linearly
+    assert model_flops(c, [2], [1], full=False) > 2 * model_flops(c, [1], [0], full=False)
+
+
+def test_bench_refuses_unknown_sections_and_shapes(tmp_path):
+    result = runner.invoke(app, ["bench", "--out", str(tmp_path), "--sections", "train,speed"])
+    assert result.exit_code == 2 and "'speed'" in result.output and "numerics" in result.output
+    result = runner.invoke(app, ["bench", "--out", str(tmp_path), "--shapes", "mnli"])
+    assert result.exit_code == 2 and "'mnli'" in result.output
+    result = runner.invoke(app, ["bench", "--out", str(tmp_path), "--runs-per-gpu", "1,two"])
+    assert result.exit_code == 2 and "--runs-per-gpu" in result.output
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_markdown_reports_every_section():
+    run = {"examples_per_s": 10.0, "tokens_per_s": 400.0, "flops_per_s": 1e9,
+           "peak_memory_mb": 900.0, "padding_fraction": 0.02}
+    curve = {"losses": [3.0, 2.0], "val_metric": 60.0, "examples_per_s": 5.0}
+    r = {"date": "2026-11-28", "machine": "x", "torch": "t", "model": "m", "precision": "fp32",
+         "steps": 10, "warmup": 3, "curve_steps": 100,
+         "matmul": {"size": 2048, "fp32_flops_per_s": 2.5e11, "bf16_flops_per_s": 8e11},
+         "train": {"sst2/lora": {"ours": run, "reference": {"examples_per_s": 5.0,
+                                                            "peak_memory_mb": 1000.0},
+                                 "speedup": 2.0, "mfu": 0.004},
+                   "sst2/full": {"ours": {"error": "boom"}, "reference": {"error": "boom"}}},
+         "numerics": {"lora": {"max_abs_diff": 0.0}},
+         "bf16": {"lora": {"fp32": curve, "bf16": curve, "speedup": 1.5, "max_abs_loss_diff": 0.01,
+                           "mean_abs_loss_diff": 0.005, "val_metric": {"fp32": 60.0, "bf16": 59.5}}},
+         "batching": {"sst2": {"grouped": run, "random": {**run, "padding_fraction": 0.3},
+                               "speedup": 1.1}},
+         "cell": {"sst2": {"ours": {"seconds": 10.0, "test_metrics": {"accuracy": 50.0}},
+                           "reference": {"seconds": 25.0, "test_metrics": {"test_accuracy": 0.5,
+                                                                           "test_runtime": 3.0}},
+                           "speedup": 2.5}},
+         "grid": {"8": {"runs": 16, "max_steps": 50, "seconds": 80.0, "runs_per_hour": 720.0},
+                  "1": {"runs": 2, "max_steps": 50, "seconds": 70.0, "runs_per_hour": 103.0}}}
+    text = markdown(r)
+    assert "| sst2/lora | 10.00 | 5.00 | 2.00x | 400 | 0.4% | 900 | 1000 |" in text
+    assert "| sst2/full | boom | boom |" in text
+    assert "lora 0.00e+00" in text
+    assert "| lora | 1.50x | 0.0100 | 0.0050 | 60.00 | 59.50 |" in text
+    assert "| sst2 | 2.0% | 30.0% | 1.10x |" in text
+    assert "| sst2 | 10.0 | 25.0 | 2.50x | accuracy 50.000 | accuracy 0.500 |" in text
+    assert text.index("| 1 | 2 | 50 |") < text.index("| 8 | 16 | 50 |")  # N in order
+
+
+def test_tiny_benchmark_matches_the_reference_loss_and_keeps_earlier_sections(tmp_path):
+    kw = dict(methods=["lora"], shapes=["sst2"], steps=2, warmup=1, precision="fp32",
+              model="t5-tiny", log=lambda m: None)
+    first = run_benchmark(tmp_path, sections=["train"], **kw)
+    row = first["train"]["sst2/lora"]
+    assert row["ours"]["examples_per_s"] > 0 and row["reference"]["examples_per_s"] > 0
+    assert row["speedup"] > 0 and 0 < row["mfu"] < 1
+    assert row["ours"]["peak_memory_mb"] > 100
+    second = run_benchmark(tmp_path, sections=["numerics"], keep=True, **kw)
+    for method in ("lora", "full"):  # same batches, same order: the same losses
+        numerics = second["numerics"][method]
+        assert len(numerics["ours"]) == 8 and numerics["max_abs_diff"] < 1e-4
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert set(saved) >= {"train", "numerics", "matmul"}
+    assert "| sst2/lora |" in (tmp_path / "bench.md").read_text()
