@@ -78,7 +78,9 @@ def test_tiny_benchmark_matches_the_reference_loss_and_keeps_earlier_sections(tm
     second = run_benchmark(tmp_path, sections=["numerics"], keep=True, **kw)
     for method in ("lora", "full"):  # same batches, same order: the same losses
         numerics = second["numerics"][method]
-        assert len(numerics["ours"]) == 8 and numerics["max_abs_diff"] < 1e-4
+        assert len(numerics["ours"]) == 8
+        for ours, ref in zip(numerics["ours"], numerics["reference"]):
+            assert abs(ours - ref) <= 1e-5 * max(1.0, abs(ref))  # float rounding only
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert set(saved) >= {"train", "numerics", "matmul"}
     assert "| sst2/lora |" in (tmp_path / "bench.md").read_text()

@@ -136,16 +136,25 @@ def test_fused_adamw_takes_the_same_step_as_the_reference_implementation():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_a_cpu_run_flushes_denormals_to_zero(tmp_path):
+def test_training_on_cpu_flushes_denormals_and_restores_the_setting_after():
     import torch
 
-    from peftlab.config import resolve_run_config
-    from peftlab.run import setup
+    from peftlab.bench import _setup
+    from peftlab.train import train
 
-    torch.set_flush_denormal(False)
-    tiny = torch.tensor([1e-20]) * torch.tensor([1e-20])
-    assert tiny.item() != 0.0  # 1e-40 is a float32 denormal
-    setup(resolve_run_config({"model": "t5-tiny", "task": "sst2", "method": "lora",
-                              "train_size": 8, "val_size": 8, "test_size": 8,
-                              "output_dir": str(tmp_path / "run")}))
-    assert (torch.tensor([1e-20]) * torch.tensor([1e-20])).item() == 0.0
+    def denormal() -> float:
+        return (torch.tensor([1e-20]) * torch.tensor([1e-20])).item()  # 1e-40: a denormal
+
+    assert denormal() != 0.0
+    cfg, s, features = _setup("lora", "sst2", 4, 16, model="t5-tiny")
+    cfg = cfg.model_copy(update={"max_steps": 2, "eval_every": 1})
+    seen = []
+
+    def evaluate() -> dict[str, float]:
+        seen.append(denormal())
+        return {"accuracy": 0.0}
+
+    train(s.model, s.method, cfg, features, evaluate, lambda row: None, ("accuracy", True),
+          s.device, False, s.tokenizer.pad_token_id, progress=False)
+    assert seen == [0.0, 0.0, 0.0]  # step 0, 1 and 2 evaluations ran inside the loop
+    assert denormal() != 0.0

@@ -641,8 +641,9 @@ def markdown(r: dict) -> str:
                 lines.append(f"| {key} | {o.get('error', '')} | {f.get('error', '')} | | | | | |")
                 continue
             mfu = 100 * row["mfu"] if row.get("mfu") is not None else None
+            mfu_fmt = ".1f" if mfu is None or mfu >= 1 else ".2g"  # a GPU's are tiny
             lines.append(f"| {key} | {o['examples_per_s']:.2f} | {f['examples_per_s']:.2f} | "
-                         f"{row['speedup']:.2f}x | {o['tokens_per_s']:.0f} | {_f(mfu, '.1f')}% "
+                         f"{row['speedup']:.2f}x | {o['tokens_per_s']:.0f} | {_f(mfu, mfu_fmt)}% "
                          f"| {o['peak_memory_mb']:.0f} | {f['peak_memory_mb']:.0f} |")
         lines.append("")
     if "numerics" in r:

@@ -142,11 +142,6 @@ def setup(cfg: RunConfig, for_inference: bool = False) -> Setup:
     except ValueError as e:
         raise PeftlabError(f"method `{method.name}`: {e}") from None
     s.device = resolve_device(cfg)
-    if s.device.type == "cpu":
-        # Values below 1e-38 (Adam's squared gradients of a freshly initialised model) take
-        # the x86 slow path: two steps of full fine-tuning took 9 s instead of 1 s. Flushing
-        # them to zero changes no loss above float rounding (issue 4).
-        torch.set_flush_denormal(True)
     s.bf16 = use_bf16(cfg, s.device)
     s.model.to(s.device)
     return s

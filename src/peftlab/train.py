@@ -8,9 +8,10 @@ improving (`early_stopping_patience`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,25 @@ def is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
     return value > best if higher_is_better else value < best
 
 
+@contextlib.contextmanager
+def flush_denormals(device: torch.device) -> Iterator[None]:
+    """On CPU, flush values below 1e-38 to zero while training, and restore on exit.
+
+    Adam's squared gradients of a freshly initialised model underflow into denormals, which
+    x86 computes on a slow path: two steps of full fine-tuning took 9 s instead of 1 s.
+    Flushing them changes no loss above float rounding. The setting is process-wide (it also
+    changes numpy's arithmetic), hence scoped to the loop.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def train(
     model: nn.Module,
     method: Method,
@@ -79,6 +99,13 @@ def train(
     resume: Checkpoint | None = None,
     save: Callable[[Checkpoint], None] | None = None,
 ) -> TrainOutcome:
+    with flush_denormals(device):
+        return _train_loop(model, method, cfg, features, evaluate_val, log_row, selection, device,
+                           bf16, pad_id, progress, resume, save)
+
+
+def _train_loop(model, method, cfg, features, evaluate_val, log_row, selection, device, bf16,
+                pad_id, progress, resume, save) -> TrainOutcome:
     metric, higher_is_better = selection
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
