@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Grid throughput with N runs sharing one GPU (short runs: 50 steps, 2 runs per worker), in the
 # order 1, 8, 4, 2 so that a run cut short still has the baseline and the largest N.
-# usage: PEFTLAB_DATA_DIR=../shared/data bash benchmarks/gpu-grid.sh [OUT]
+# usage (peftlab importable: pip install -e . or PYTHONPATH=src):
+#   PEFTLAB_DATA_DIR=../shared/data bash benchmarks/gpu-grid.sh [OUT]
 set -uo pipefail
 out=${1:-benchmarks/results/gpu}
 python3 -m peftlab bench --out "$out" --keep --precision bf16 --steps 30 --warmup 10 \

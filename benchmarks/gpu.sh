@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures (benchmarks/results/gpu/): one script, sections in order of importance, so
 # that a run cut short by a time limit still leaves the first ones in OUT/bench.{json,md}.
-# usage: PEFTLAB_DATA_DIR=../shared/data bash benchmarks/gpu.sh [OUT]
+# usage (peftlab importable: pip install -e . or PYTHONPATH=src):
+#   PEFTLAB_DATA_DIR=../shared/data bash benchmarks/gpu.sh [OUT]
 set -uo pipefail
 out=${1:-benchmarks/results/gpu}
 bench() { python3 -m peftlab bench --out "$out" --model "${BENCH_MODEL:-flan-t5-small-random}" --precision bf16 --steps 30 --warmup 10 "$@"; }
