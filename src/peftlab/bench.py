@@ -69,24 +69,6 @@ def _setup(method: str, shape: str, batch_size: int, n_examples: int, dropout: b
     return cfg, s, features
 
 
-def _as_reference_user(s) -> None:
-    """Undo what peftlab's setup does beyond the Hugging Face defaults, so the reference
-    pipeline runs as a user would write it."""
-    import torch
-
-    torch.set_flush_denormal(False)
-
-
-def _peak_mb(device) -> float:
-    import resource
-
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _sync(device) -> None:
     import torch
 
@@ -121,7 +103,7 @@ def measure_ours(method: str, shape: str, batch_size: int, steps: int, warmup: i
                  precision: str, model: str = MODEL, group_by_length: bool = True,
                  ) -> dict[str, Any]:
     from peftlab.data import training_batches
-    from peftlab.models import load_model
+    from peftlab.run import peak_memory_mb
     from peftlab.train import train
 
     cfg, s, features = _setup(method, shape, batch_size, 256, model=model)
@@ -152,11 +134,11 @@ def measure_ours(method: str, shape: str, batch_size: int, steps: int, warmup: i
             dec += (b["labels"] != -100).sum(1).tolist()
             examples += len(b["input_ids"])
             padded += b["input_ids"].numel() + b["labels"].numel()
-    flops = model_flops(load_model(model).config, enc, dec, full=method == "full")
+    flops = model_flops(s.model.config, enc, dec, full=method == "full")
     return {"seconds": seconds, "examples_per_s": examples / seconds,
             "tokens_per_s": (sum(enc) + sum(dec)) / seconds, "flops_per_s": flops / seconds,
             "padding_fraction": 1 - (sum(enc) + sum(dec)) / padded,
-            "peak_memory_mb": _peak_mb(s.device), "device": str(s.device)}
+            "peak_memory_mb": peak_memory_mb(s.device), "device": str(s.device)}
 
 
 def _reference_features(s, examples, src: int, tgt: int) -> list[dict[str, list[int]]]:
@@ -184,8 +166,9 @@ def measure_reference(method: str, shape: str, batch_size: int, steps: int, warm
     """What the HF docs show: Seq2SeqTrainer + peft + DataCollatorForSeq2Seq."""
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, TrainerCallback
 
+    from peftlab.run import peak_memory_mb
+
     cfg, s, features = _setup(method, shape, batch_size, n_examples, dropout, model=model)
-    _as_reference_user(s)
     idx = order if order is not None else list(range(len(features)))
     # A plain list is a valid torch Dataset; `datasets` would add nothing to the timing.
     data = [{"input_ids": features.input_ids[i], "labels": features.labels[i]} for i in idx]
@@ -215,7 +198,7 @@ def measure_reference(method: str, shape: str, batch_size: int, steps: int, warm
     seconds = marks[warmup + steps] - marks[warmup]
     examples = steps * batch_size
     return {"seconds": seconds, "examples_per_s": examples / seconds, "losses": losses,
-            "peak_memory_mb": _peak_mb(s.device)}
+            "peak_memory_mb": peak_memory_mb(s.device)}
 
 
 def measure_numerics(method: str, steps: int, model: str = MODEL) -> dict[str, Any]:
@@ -311,7 +294,6 @@ def measure_reference_eval(shape: str, n: int, batch_size: int, precision: str,
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer
 
     cfg, s, _ = _setup("untuned", shape, batch_size, 16, model=model)
-    _as_reference_user(s)
     task, src, tgt = SHAPES[shape]
     data = _reference_features(s, s.splits.test[:n], src, tgt)
     args = _reference_args(s, cfg, precision, per_device_eval_batch_size=batch_size,
@@ -361,7 +343,6 @@ def measure_cell_reference(shape: str, method: str, precision: str, model: str =
     start = time.perf_counter()
     task, src, tgt = SHAPES[shape]
     cfg, s, _ = _setup(method, shape, 8, 1000, model=model, **CELL)
-    _as_reference_user(s)
     train_data = _reference_features(s, s.splits.train, src, tgt)
     val_data = _reference_features(s, s.splits.validation, src, tgt)
     test_data = _reference_features(s, s.splits.test, src, tgt)
@@ -631,20 +612,21 @@ def markdown(r: dict) -> str:
                   f"{m['bf16_flops_per_s'] / scale:.0f} {unit}. MFU is against the "
                   f"{r['precision']} peak.", ""]
     if "train" in r:
-        lines += [f"## Training throughput, batch 8, {r['steps']} timed steps after "
-                  f"{r['warmup']} warm-up", "",
-                  "| shape/method | peftlab ex/s | reference ex/s | speedup | peftlab tok/s | "
-                  "MFU | peftlab peak MB | reference peak MB |", "|---|---|---|---|---|---|---|---|"]
+        columns = ["shape/method", "peftlab ex/s", "reference ex/s", "speedup", "peftlab tok/s",
+                   "MFU", "peftlab peak MB", "reference peak MB"]
+        lines += _table(f"## Training throughput, batch 8, {r['steps']} timed steps after "
+                        f"{r['warmup']} warm-up", columns)
         for key, row in r["train"].items():
             o, f = row["ours"], row["reference"]
             if "error" in o or "error" in f:
-                lines.append(f"| {key} | {o.get('error', '')} | {f.get('error', '')} | | | | | |")
+                lines.append(_row([key, o.get("error", ""), f.get("error", "")], len(columns)))
                 continue
             mfu = 100 * row["mfu"] if row.get("mfu") is not None else None
             mfu_fmt = ".1f" if mfu is None or mfu >= 1 else ".2g"  # a GPU's are tiny
-            lines.append(f"| {key} | {o['examples_per_s']:.2f} | {f['examples_per_s']:.2f} | "
-                         f"{row['speedup']:.2f}x | {o['tokens_per_s']:.0f} | {_f(mfu, mfu_fmt)}% "
-                         f"| {o['peak_memory_mb']:.0f} | {f['peak_memory_mb']:.0f} |")
+            lines.append(_row([key, f"{o['examples_per_s']:.2f}", f"{f['examples_per_s']:.2f}",
+                               f"{row['speedup']:.2f}x", f"{o['tokens_per_s']:.0f}",
+                               f"{_f(mfu, mfu_fmt)}%", f"{o['peak_memory_mb']:.0f}",
+                               f"{f['peak_memory_mb']:.0f}"], len(columns)))
         lines.append("")
     if "numerics" in r:
         lines += ["## Numerics", "", "Same batches, same order, fp32 (8 steps): max |loss "
@@ -652,29 +634,30 @@ def markdown(r: dict) -> str:
                       f"{k} {_f(v.get('max_abs_diff'), '.2e')}" for k, v in r["numerics"].items()),
                   ""]
     if "bf16" in r:
-        lines += [f"## bf16 autocast vs fp32 (SST-2, {r['curve_steps']} steps, same seed)", "",
-                  "| method | bf16 speedup | max abs loss diff | mean abs loss diff | "
-                  "val metric fp32 | val metric bf16 |", "|---|---|---|---|---|---|"]
+        columns = ["method", "bf16 speedup", "max abs loss diff", "mean abs loss diff",
+                   "val metric fp32", "val metric bf16"]
+        lines += _table(f"## bf16 autocast vs fp32 (SST-2, {r['curve_steps']} steps, same seed)",
+                        columns)
         for method, c in r["bf16"].items():
             if "speedup" not in c:
-                lines.append(f"| {method} | error: {c['fp32'].get('error') or c['bf16'].get('error')}"
-                             " | | | | |")
+                error = c["fp32"].get("error") or c["bf16"].get("error")
+                lines.append(_row([method, f"error: {error}"], len(columns)))
                 continue
-            lines.append(f"| {method} | {c['speedup']:.2f}x | {c['max_abs_loss_diff']:.4f} | "
-                         f"{c['mean_abs_loss_diff']:.4f} | {c['val_metric']['fp32']:.2f} | "
-                         f"{c['val_metric']['bf16']:.2f} |")
+            lines.append(_row([method, f"{c['speedup']:.2f}x", f"{c['max_abs_loss_diff']:.4f}",
+                               f"{c['mean_abs_loss_diff']:.4f}", f"{c['val_metric']['fp32']:.2f}",
+                               f"{c['val_metric']['bf16']:.2f}"], len(columns)))
         lines.append("")
     if "batching" in r:
-        lines += ["## Length-grouped vs random batches (LoRA)", "",
-                  "| shape | padding grouped | padding random | speedup | val metric random | "
-                  "val metric grouped |", "|---|---|---|---|---|---|"]
+        columns = ["shape", "padding grouped", "padding random", "speedup", "val metric random",
+                   "val metric grouped"]
+        lines += _table("## Length-grouped vs random batches (LoRA)", columns)
         for shape, row in r["batching"].items():
             g, rn = row["grouped"], row["random"]
             c = row.get("curves", {}).get("val_metric", {})
-            lines.append(f"| {shape} | {_f(g.get('padding_fraction'), '.1%')} | "
-                         f"{_f(rn.get('padding_fraction'), '.1%')} | "
-                         f"{_f(row.get('speedup'), '.2f')}x | {_f(c.get('random'), '.2f')} | "
-                         f"{_f(c.get('grouped'), '.2f')} |")
+            lines.append(_row([shape, _f(g.get("padding_fraction"), ".1%"),
+                               _f(rn.get("padding_fraction"), ".1%"),
+                               f"{_f(row.get('speedup'), '.2f')}x", _f(c.get("random"), ".2f"),
+                               _f(c.get("grouped"), ".2f")], len(columns)))
         lines.append("")
     if "eval" in r:
         lines += ["## Evaluation", ""]
@@ -696,28 +679,38 @@ def markdown(r: dict) -> str:
                       f" ex/s (length-sorted), reference {e['reference']['examples_per_s']:.2f} "
                       f"ex/s ({e['speedup']:.2f}x).", ""]
     if "cell" in r:
-        lines += ["## One ablation cell end to end (LoRA, 200 steps, validation every 50 on 200 "
-                  "examples, full test split)", "",
-                  "| task | peftlab s | reference s | speedup | peftlab test | reference test |",
-                  "|---|---|---|---|---|---|"]
+        columns = ["task", "peftlab s", "reference s", "speedup", "peftlab test", "reference test"]
+        lines += _table("## One ablation cell end to end (LoRA, 200 steps, validation every 50 on "
+                        "200 examples, full test split)", columns)
         for shape, row in r["cell"].items():
             o, f = row["ours"], row["reference"]
             if "speedup" not in row:
-                lines.append(f"| {shape} | {o.get('error', '')} | {f.get('error', '')} | | | |")
+                lines.append(_row([shape, o.get("error", ""), f.get("error", "")], len(columns)))
                 continue
-            lines.append(f"| {shape} | {o['seconds']:.1f} | {f['seconds']:.1f} | "
-                         f"{row['speedup']:.2f}x | {_metrics(o['test_metrics'])} | "
-                         f"{_metrics(f['test_metrics'])} |")
+            lines.append(_row([shape, f"{o['seconds']:.1f}", f"{f['seconds']:.1f}",
+                               f"{row['speedup']:.2f}x", _metrics(o["test_metrics"]),
+                               _metrics(f["test_metrics"])], len(columns)))
         lines.append("")
     if "grid" in r:
-        lines += ["## Grid throughput on one GPU (`--runs-per-gpu N`, SST-2 LoRA cells)", "",
-                  "| N | runs | steps per run | seconds | runs/hour |", "|---|---|---|---|---|"]
+        columns = ["N", "runs", "steps per run", "seconds", "runs/hour"]
+        lines += _table("## Grid throughput on one GPU (`--runs-per-gpu N`, SST-2 LoRA cells)",
+                        columns)
         for n, row in sorted(r["grid"].items(), key=lambda kv: int(kv[0])):
-            lines.append(f"| {n} | {row.get('runs', '')} | {row.get('max_steps', '')} | "
-                         f"{_f(row.get('seconds'), '.1f')} | {_f(row.get('runs_per_hour'), '.0f')} |"
-                         if "error" not in row else f"| {n} | error: {row['error']} | | | |")
+            cells = ([n, f"error: {row['error']}"] if "error" in row else
+                     [n, str(row.get("runs", "")), str(row.get("max_steps", "")),
+                      _f(row.get("seconds"), ".1f"), _f(row.get("runs_per_hour"), ".0f")])
+            lines.append(_row(cells, len(columns)))
         lines.append("")
     return "\n".join(lines)
+
+
+def _table(title: str, columns: list[str]) -> list[str]:
+    return [title, "", _row(columns, len(columns)), "|" + "---|" * len(columns)]
+
+
+def _row(cells: list[str], width: int) -> str:
+    """A Markdown table row; cells missing at the end are left empty."""
+    return "| " + " | ".join(cells) + " |" + " |" * (width - len(cells))
 
 
 def _metrics(metrics: dict) -> str:

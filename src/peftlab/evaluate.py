@@ -83,8 +83,11 @@ def _candidate_logprobs(model: nn.Module, input_ids: torch.Tensor, candidates: t
     mask = (input_ids != s.pad_id).long()
     with autocast(s.device, s.bf16):
         states = model.get_encoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        # decoder inputs, not labels: with labels the model also computes a loss we discard
         logits = model(encoder_outputs=(states.repeat_interleave(n, dim=0),),
-                       attention_mask=mask.repeat_interleave(n, dim=0), labels=labels).logits
+                       attention_mask=mask.repeat_interleave(n, dim=0),
+                       decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=labels),
+                       ).logits
     return _picked_logprobs(logits, labels)
 
 
