@@ -49,8 +49,21 @@ def test_markdown_reports_every_section():
          "numerics": {"lora": {"max_abs_diff": 0.0}},
          "bf16": {"lora": {"fp32": curve, "bf16": curve, "speedup": 1.5, "max_abs_loss_diff": 0.01,
                            "mean_abs_loss_diff": 0.005, "val_metric": {"fp32": 60.0, "bf16": 59.5}}},
+         "bf16_eval": {"full": {"examples": 872, "agreement": 0.995, "seconds": {"fp32": 30.0,
+                                                                                 "bf16": 12.0},
+                                "metrics": {"fp32": {"accuracy": 55.0, "loss": 0.71},
+                                            "bf16": {"accuracy": 54.9, "loss": 0.7101}}},
+                       "lora": {"error": "boom"}},
          "batching": {"sst2": {"grouped": run, "random": {**run, "padding_fraction": 0.3},
                                "speedup": 1.1}},
+         "eval": {"sst2": {"ours": {"examples": 872, "bf16": True, "rank_examples_per_s": 100.0,
+                                    "rank_and_generate_examples_per_s": 70.0,
+                                    "generate_examples_per_s": 90.0},
+                           "ours_fp32": {"rank_examples_per_s": 40.0},
+                           "reference": {"examples_per_s": 16.0},
+                           "reference_short": {"examples_per_s": 20.0},
+                           "rank_vs_own_generation": 1.11, "rank_vs_reference": 6.25,
+                           "rank_vs_reference_short": 5.0, "rank_fp32_vs_reference": 2.5}},
          "cell": {"sst2": {"ours": {"seconds": 10.0, "test_metrics": {"accuracy": 50.0}},
                            "reference": {"seconds": 25.0, "test_metrics": {"test_accuracy": 0.5,
                                                                            "test_runtime": 3.0}},
@@ -63,6 +76,10 @@ def test_markdown_reports_every_section():
     assert "lora 0.00e+00" in text
     assert "| lora | 1.50x | 0.0100 | 0.0050 | 60.00 | 59.50 |" in text
     assert "| sst2 | 2.0% | 30.0% | 1.10x |" in text
+    assert "| full | 872 | 99.5% | 55.00 | 54.90 | 0.7100 | 0.7101 | 30.0 | 12.0 |" in text
+    assert "| lora | error: boom |" in text
+    assert "here, bf16: rank classification 100.0 ex/s (fp32: 40.0)" in text
+    assert "rank classification 6.2x faster (fp32: 2.5x)" in text
     assert "| sst2 | 10.0 | 25.0 | 2.50x | accuracy 50.000 | accuracy 0.500 |" in text
     assert text.index("| 1 | 2 | 50 |") < text.index("| 8 | 16 | 50 |")  # N in order
 
@@ -84,3 +101,14 @@ def test_tiny_benchmark_matches_the_reference_loss_and_keeps_earlier_sections(tm
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert set(saved) >= {"train", "numerics", "matmul"}
     assert "| sst2/lora |" in (tmp_path / "bench.md").read_text()
+
+
+def test_eval_precision_compares_one_checkpoint_in_fp32_and_bf16():
+    from peftlab.bench import measure_eval_precision
+
+    r = measure_eval_precision("lora", 2, model="t5-tiny")
+    assert r["examples"] == 872  # the whole SST-2 test split
+    assert 0.5 <= r["agreement"] <= 1.0
+    fp32, bf16 = r["metrics"]["fp32"], r["metrics"]["bf16"]
+    assert fp32["loss"] != bf16["loss"]  # both precisions really ran
+    assert abs(fp32["accuracy"] - bf16["accuracy"]) <= 100 * (1 - r["agreement"]) + 1e-9

@@ -1,9 +1,10 @@
 """Rank classification, generation and the validation loss against direct computations."""
 
+import numpy as np
 import pytest
 import torch
 
-from peftlab.data import collate, tokenize
+from peftlab.data import IGNORE_INDEX, collate, pad, tokenize
 from peftlab.evaluate import EvalSettings, evaluate_model, generate, rank_classify
 from peftlab.models import load_model
 from peftlab.tasks import build_task, prepare_splits
@@ -39,7 +40,7 @@ def test_rank_classification_agrees_with_valid_greedy_generations(tokenizer, sst
     model = label_heavy_model(tokenizer)
     s = settings(tokenizer)
     candidates = [tokenizer(w)["input_ids"] for w in task.label_words]
-    scores, _ = rank_classify(model, feats, candidates, s)
+    scores = rank_classify(model, feats, candidates, s).scores
     generated = generate(model, tokenizer, feats, s)
     valid = [(i, g) for i, g in enumerate(generated) if g in task.label_words]
     assert len(valid) >= 10, generated  # the check below must have something to check
@@ -82,25 +83,82 @@ def test_batching_does_not_change_predictions(tokenizer, sst2_val):
     assert a.metrics["accuracy"] == b.metrics["accuracy"]
 
 
-@pytest.mark.parametrize("method", ["lora", "prefix", "prompt", "full"])
-def test_shared_encoder_scores_equal_repeated_input_scores(tokenizer, sst2_val, method):
-    from peftlab.evaluate import _candidate_logprobs, _token_logprobs
+METHOD_CASES = [("lora", {}), ("prefix", {}), ("prompt", {}), ("prompt", {"decoder_prompt": True}),
+                ("ia3", {}), ("full", {})]
+
+
+def perturbed_model(method: str, args: dict) -> torch.nn.Module:
+    """t5-tiny with the method applied and every trainable tensor moved off its init."""
     from peftlab.methods import METHODS, MethodContext
     from tests.conftest import TOKENIZER_DIR
 
-    _, _, feats = sst2_val
     m = METHODS[method]
     torch.manual_seed(0)
-    model = m.apply(load_model("t5-tiny"), m.Args(), MethodContext(str(TOKENIZER_DIR), 1), False)
+    model = m.apply(load_model("t5-tiny"), m.Args(**args), MethodContext(str(TOKENIZER_DIR), 1),
+                    False)
     with torch.no_grad():  # make every adapter non-trivial
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.1 * torch.randn_like(p))
-    model.eval()
+    return model.eval()
+
+
+@pytest.mark.parametrize("method,args", METHOD_CASES)
+def test_shared_encoder_scores_equal_repeated_input_scores(tokenizer, sst2_val, method, args):
+    """One encoder pass and one cached start step per input, copied to every candidate, give
+    the log-probs of running each (input, candidate) pair through the whole model."""
+    from peftlab.evaluate import _candidate_logprobs, _encode, _token_logprobs
+
+    _, _, feats = sst2_val
+    model = perturbed_model(method, args)
     s = settings(tokenizer)
-    cand = torch.tensor([tokenizer("negative")["input_ids"], tokenizer("positive")["input_ids"]])
+    # candidates of different lengths, so padding inside the candidates is exercised too
+    words = ["negative", "positive", "very good"]
+    cand = [tokenizer(w)["input_ids"] for w in words]
+    assert len({len(c) for c in cand}) > 1
+    cand = pad(cand, IGNORE_INDEX)
     inputs = collate(feats, list(range(6)), tokenizer.pad_token_id)["input_ids"]
     with torch.no_grad():
-        shared = _candidate_logprobs(model, inputs, cand, s)
-        repeated = _token_logprobs(model, inputs.repeat_interleave(2, dim=0), cand.repeat(6, 1), s)
+        shared = _candidate_logprobs(model, _encode(model, inputs, s), cand, s)
+        repeated = _token_logprobs(model, inputs.repeat_interleave(3, dim=0), cand.repeat(6, 1), s)
     assert torch.allclose(shared, repeated, atol=1e-5)
+    assert (shared != 0).sum() == 6 * sum(len(tokenizer(w)["input_ids"]) for w in words)
+
+
+@pytest.mark.parametrize("method,args", METHOD_CASES)
+def test_generation_from_shared_encoder_equals_plain_generation(tokenizer, sst2_val, method,
+                                                                args):
+    task, _, feats = sst2_val
+    model = perturbed_model(method, args)
+    s = settings(tokenizer)
+    candidates = [tokenizer(w)["input_ids"] for w in task.label_words]
+    ranked = rank_classify(model, feats, candidates, s, generate_with=tokenizer)
+    plain = generate(model, tokenizer, feats, s)
+    assert ranked.generated == plain
+    assert len(set(plain)) > 1  # a model that says one thing everywhere would hide a mix-up
+    alone = rank_classify(model, feats, candidates, s)
+    assert alone.generated is None
+    np.testing.assert_allclose(alone.scores, ranked.scores, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method,args", METHOD_CASES)
+def test_bf16_evaluation_runs_on_a_copy_close_to_fp32(tokenizer, sst2_val, method, args):
+    """bf16 evaluates a bf16 copy: the trained fp32 weights and the train mode are untouched,
+    the numbers differ from fp32 (it really ran in bf16) but only by bf16 rounding."""
+    from dataclasses import replace
+
+    task, examples, feats = sst2_val
+    model = perturbed_model(method, args).train()
+    # as between two validations: a training forward and backward (non-leaf tensors around)
+    model(**collate(feats, list(range(4)), tokenizer.pad_token_id)).loss.backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    s = settings(tokenizer)
+    bf16 = evaluate_model(model, tokenizer, task, examples, feats, replace(s, bf16=True))
+    fp32 = evaluate_model(model, tokenizer, task, examples, feats, s)
+    assert model.training
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, before[name]), name
+    assert bf16.metrics["loss"] != fp32.metrics["loss"]
+    assert bf16.metrics["loss"] == pytest.approx(fp32.metrics["loss"], rel=0.02)
+    same = np.mean([a["prediction"] == b["prediction"] for a, b in zip(fp32.rows, bf16.rows)])
+    assert same >= 0.9, same

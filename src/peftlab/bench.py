@@ -10,10 +10,12 @@ Sections:
   train      training throughput per method and batch shape: peftlab's loop vs the reference
              (Seq2SeqTrainer + peft + DataCollatorForSeq2Seq), model FLOPs utilisation
   numerics   the same batches in the same order: per-step fp32 loss, peftlab vs reference
-  bf16       bf16 autocast vs fp32, same seed and batches: speed, loss-curve drift, metric
+  bf16       bf16 autocast vs fp32 training, same seed and batches: speed, loss-curve drift,
+             metric; and one fp32-trained checkpoint evaluated in fp32 and in bf16
   batching   length-grouped vs random batches: padding, speed, and the metric after training
-  eval       SST-2 by rank classification vs generation (ours and the reference's
-             `predict_with_generate`); SAMSum generation throughput
+  eval       SST-2 by rank classification vs generation (ours, in the default evaluation
+             precision and in fp32, and the reference's `predict_with_generate`); SAMSum
+             generation throughput
   cell       one ablation cell end to end (200 steps, evaluation every 50 on 200 validation
              examples, the full test split): peftlab vs the reference pipeline, wall time
   grid       GPU only: runs per hour with N runs sharing one GPU (`--runs-per-gpu N`)
@@ -261,9 +263,11 @@ def measure_curve(method: str, shape: str, steps: int, precision: str, model: st
             "examples_per_s": steps * cfg.batch_size / train_s, "status": summary["status"]}
 
 
-def measure_eval(shape: str, n: int, batch_size: int, model: str = MODEL) -> dict[str, Any]:
+def measure_eval(shape: str, n: int, batch_size: int, bf16: bool | None = None,
+                 model: str = MODEL) -> dict[str, Any]:
+    """Our evaluation alone; `bf16` None: the run default (`eval_precision: auto`)."""
     from peftlab.data import tokenize
-    from peftlab.evaluate import generate, rank_classify
+    from peftlab.evaluate import generate, inference_model, rank_classify
 
     cfg, s, _ = _setup("untuned", shape, batch_size, 16, model=model)
     examples = s.splits.test[:n]
@@ -271,20 +275,50 @@ def measure_eval(shape: str, n: int, batch_size: int, model: str = MODEL) -> dic
     feats = tokenize(s.tokenizer, examples, src, tgt)
     settings = s.eval_settings("test", progress=False)
     settings.batch_size = batch_size
-    out: dict[str, Any] = {"examples": len(examples), "max_new_tokens": settings.max_new_tokens}
+    settings.bf16 = s.eval_bf16 if bf16 is None else bf16
+    evaluated = inference_model(s.model, settings.bf16)
+    out: dict[str, Any] = {"examples": len(examples), "max_new_tokens": settings.max_new_tokens,
+                           "bf16": settings.bf16}
     if shape == "sst2":
         candidates = [s.tokenizer(w)["input_ids"] for w in s.task.label_words]
         warm = tokenize(s.tokenizer, examples[:batch_size], src, tgt)
-        rank_classify(s.model, warm, candidates, settings)  # warm-up: first-call allocations
-        _sync(s.device)
-        t = time.perf_counter()
-        rank_classify(s.model, feats, candidates, settings)
-        _sync(s.device)
-        out["rank_examples_per_s"] = len(examples) / (time.perf_counter() - t)
+        rank_classify(evaluated, warm, candidates, settings)  # warm-up: first-call allocations
+        for key, tokenizer in (("rank", None), ("rank_and_generate", s.tokenizer)):
+            _sync(s.device)
+            t = time.perf_counter()
+            rank_classify(evaluated, feats, candidates, settings, generate_with=tokenizer)
+            _sync(s.device)
+            out[f"{key}_examples_per_s"] = len(examples) / (time.perf_counter() - t)
     t = time.perf_counter()
-    generate(s.model, s.tokenizer, feats, settings)
+    generate(evaluated, s.tokenizer, feats, settings)
     out["generate_examples_per_s"] = len(examples) / (time.perf_counter() - t)
     return out
+
+
+def measure_eval_precision(method: str, steps: int, model: str = MODEL) -> dict[str, Any]:
+    """Does bf16 evaluation hold the metric? A short fp32-trained SST-2 run (near chance on a
+    random-init model: small margins, the hardest case for rounding), its test split
+    evaluated in fp32 and in bf16: predictions that agree, accuracy, loss, wall time."""
+    from peftlab.config import resolve_run_config
+    from peftlab.run import reevaluate, run
+
+    cfg = resolve_run_config({
+        "model": model, "task": "sst2", "method": method, "train_size": 1000, "val_size": 200,
+        "test_size": "all", "seed": 0, "max_steps": steps, "eval_every": steps,
+        "precision": "fp32", "eval_precision": "fp32", "output_dir": tempfile.mkdtemp(),
+    })
+    run(cfg, progress=False)
+    results, seconds = {}, {}
+    for precision in ("fp32", "bf16"):
+        t = time.perf_counter()
+        results[precision] = reevaluate(cfg.output_dir, "test", progress=False,
+                                        overrides={"eval_precision": precision})
+        seconds[precision] = time.perf_counter() - t
+    a, b = results["fp32"], results["bf16"]
+    return {"examples": len(a.rows), "steps": steps, "seconds": seconds,
+            "metrics": {"fp32": a.metrics, "bf16": b.metrics},
+            "agreement": sum(x["prediction"] == y["prediction"] for x, y in zip(a.rows, b.rows))
+            / len(a.rows)}
 
 
 def measure_reference_eval(shape: str, n: int, batch_size: int, precision: str,
@@ -426,7 +460,7 @@ WORKERS = {"ours": measure_ours, "reference": measure_reference, "eval": measure
            "reference-eval": measure_reference_eval, "matmul": measure_matmul,
            "ours-losses": measure_ours_losses, "curve": measure_curve,
            "cell-ours": measure_cell_ours, "cell-reference": measure_cell_reference,
-           "grid": measure_grid}
+           "grid": measure_grid, "eval-precision": measure_eval_precision}
 
 
 def subprocess_measure(kind: str, **kwargs: Any) -> dict[str, Any]:
@@ -501,6 +535,11 @@ def run_benchmark(out_dir: Path, methods: list[str], shapes: list[str], steps: i
             bf16 = subprocess_measure("curve", precision="bf16", **kw)
             table[method] = _compare_curves(fp32, bf16, "fp32", "bf16")
             save("bf16", table)
+        evaluation = dict(results.get("bf16_eval", {}))
+        for method in ("lora", "full"):
+            evaluation[method] = subprocess_measure("eval-precision", method=method,
+                                                    steps=curve_steps, **m)
+            save("bf16_eval", evaluation)
     if "batching" in sections:
         table = dict(results.get("batching", {}))
         for shape in shapes:
@@ -523,18 +562,22 @@ def run_benchmark(out_dir: Path, methods: list[str], shapes: list[str], steps: i
         table = dict(results.get("eval", {}))
         if "sst2" in shapes:
             ours = subprocess_measure("eval", shape="sst2", n=872, batch_size=64, **m)
+            fp32 = (subprocess_measure("eval", shape="sst2", n=872, batch_size=64, bf16=False, **m)
+                    if ours.get("bf16") else ours)
             ref_kw = dict(shape="sst2", n=872, batch_size=64, precision=precision, **m)
             # An untrained model never stops early, so the reference generates to its
             # default limit (20 tokens); a trained one stops after the label word: `short`.
             ref = subprocess_measure("reference-eval", **ref_kw)
             ref_short = subprocess_measure("reference-eval", max_new_tokens=4, **ref_kw)
-            table["sst2"] = {"ours": ours, "reference": ref, "reference_short": ref_short}
-            if all("error" not in r for r in (ours, ref, ref_short)):
+            table["sst2"] = {"ours": ours, "ours_fp32": fp32, "reference": ref,
+                             "reference_short": ref_short}
+            if all("error" not in r for r in (ours, fp32, ref, ref_short)):
                 rank = ours["rank_examples_per_s"]
                 table["sst2"].update({
                     "rank_vs_own_generation": rank / ours["generate_examples_per_s"],
                     "rank_vs_reference": rank / ref["examples_per_s"],
-                    "rank_vs_reference_short": rank / ref_short["examples_per_s"]})
+                    "rank_vs_reference_short": rank / ref_short["examples_per_s"],
+                    "rank_fp32_vs_reference": fp32["rank_examples_per_s"] / ref["examples_per_s"]})
             save("eval", table)
         if "samsum" in shapes:
             n = 819 if cuda else 64
@@ -647,6 +690,21 @@ def markdown(r: dict) -> str:
                                f"{c['mean_abs_loss_diff']:.4f}", f"{c['val_metric']['fp32']:.2f}",
                                f"{c['val_metric']['bf16']:.2f}"], len(columns)))
         lines.append("")
+    if "bf16_eval" in r:
+        columns = ["method", "test examples", "same prediction", "accuracy fp32", "accuracy bf16",
+                   "loss fp32", "loss bf16", "eval s fp32", "eval s bf16"]
+        lines += _table(f"## One fp32-trained checkpoint ({r['curve_steps']} steps, SST-2) "
+                        "evaluated in fp32 and in bf16", columns)
+        for method, c in r["bf16_eval"].items():
+            if "error" in c:
+                lines.append(_row([method, f"error: {c['error']}"], len(columns)))
+                continue
+            a, b = c["metrics"]["fp32"], c["metrics"]["bf16"]
+            lines.append(_row([method, str(c["examples"]), f"{c['agreement']:.1%}",
+                               f"{a['accuracy']:.2f}", f"{b['accuracy']:.2f}", f"{a['loss']:.4f}",
+                               f"{b['loss']:.4f}", f"{c['seconds']['fp32']:.1f}",
+                               f"{c['seconds']['bf16']:.1f}"], len(columns)))
+        lines.append("")
     if "batching" in r:
         columns = ["shape", "padding grouped", "padding random", "speedup", "val metric random",
                    "val metric grouped"]
@@ -663,13 +721,21 @@ def markdown(r: dict) -> str:
         lines += ["## Evaluation", ""]
         e = r["eval"].get("sst2")
         if e and "rank_vs_reference" in e:
+            o = e["ours"]
+            precision = "bf16" if o.get("bf16") else "fp32"
+            fp32 = e.get("ours_fp32", o)
             lines += [
-                f"SST-2 test ({e['ours']['examples']} examples, batch 64): rank classification "
-                f"{e['ours']['rank_examples_per_s']:.1f} ex/s; peftlab's own sorted generation "
-                f"{e['ours']['generate_examples_per_s']:.1f} ex/s "
-                f"({e['rank_vs_own_generation']:.1f}x); reference `predict_with_generate` "
+                f"SST-2 test ({o['examples']} examples, batch 64), peftlab in its default "
+                f"evaluation precision here, {precision}: rank classification "
+                f"{o['rank_examples_per_s']:.1f} ex/s (fp32: {fp32['rank_examples_per_s']:.1f}); "
+                "rank classification plus free generation from the same encoder pass (what a "
+                f"test evaluation runs) {_f(o.get('rank_and_generate_examples_per_s'), '.1f')} "
+                f"ex/s; peftlab's own sorted generation {o['generate_examples_per_s']:.1f} ex/s "
+                f"({e['rank_vs_own_generation']:.1f}x). Reference `predict_with_generate` (fp32) "
                 f"{e['reference']['examples_per_s']:.1f} ex/s with its default length limit "
-                f"(an untrained model never stops early) ({e['rank_vs_reference']:.1f}x), "
+                f"(an untrained model never stops early): rank classification "
+                f"{e['rank_vs_reference']:.1f}x faster "
+                f"(fp32: {_f(e.get('rank_fp32_vs_reference'), '.1f')}x); "
                 f"{e['reference_short']['examples_per_s']:.1f} ex/s when capped at the label "
                 f"word's length ({e['rank_vs_reference_short']:.1f}x).", ""]
         e = r["eval"].get("samsum")

@@ -48,7 +48,11 @@ class RunConfig(BaseModel):
     log_every: int = Field(10, ge=1)
     early_stopping_patience: int | None = Field(None, ge=1, description="evaluations")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on GPU, fp32 on CPU"
+        "auto", description="training: auto = bf16 autocast on GPU, fp32 on CPU"
+    )
+    eval_precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="evaluation: auto = bf16 autocast where bf16 matmuls are native "
+        "(GPU; CPU with AVX512-BF16 or AMX), else fp32"
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_batch_size: int = Field(32, ge=1)

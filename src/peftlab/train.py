@@ -23,7 +23,6 @@ from transformers.optimization import Adafactor
 from peftlab.checkpoint import Checkpoint, rng_state, set_rng_state
 from peftlab.config import RunConfig
 from peftlab.data import Features, training_batches
-from peftlab.evaluate import autocast
 from peftlab.methods import Method
 
 
@@ -36,6 +35,10 @@ class TrainOutcome:
     stopped_early: bool = False
     steps_done: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:

@@ -132,6 +132,20 @@ class PrefixStore(nn.Module):
             if k in self.layers:
                 self._current[k] = self.compute(k)
 
+    def __getstate__(self) -> dict:
+        # What refresh computed is per-forward (non-leaf tensors while training), not state:
+        # leave it out of copies (copy.deepcopy refuses non-leaf tensors).
+        return {**self.__dict__, "_current": {}}
+
+    # Forward pre-hooks of the encoder and decoder stacks. Bound methods, not lambdas: a
+    # deep copy of the model (bf16 evaluation) must call its own store, and copy.deepcopy
+    # rebinds methods but shares closures.
+    def refresh_encoder(self, module: nn.Module, args: tuple) -> None:
+        self.refresh(("encoder",))
+
+    def refresh_decoder(self, module: nn.Module, args: tuple) -> None:
+        self.refresh(("decoder_self", "decoder_cross"))
+
     def get(self, kind: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         kv = self._current[kind][layer]
         return kv[0], kv[1]
@@ -193,9 +207,8 @@ def apply(model: nn.Module, args: Args, ctx: MethodContext, for_inference: bool)
     for kind, attns in modules.items():
         for layer, attn in enumerate(attns):
             attn.peftlab_prefix = functools.partial(store.get, kind, layer)
-    model.encoder.register_forward_pre_hook(lambda m, a: store.refresh(("encoder",)))
-    model.decoder.register_forward_pre_hook(
-        lambda m, a: store.refresh(("decoder_self", "decoder_cross")))
+    model.encoder.register_forward_pre_hook(store.refresh_encoder)
+    model.decoder.register_forward_pre_hook(store.refresh_decoder)
     model.set_attn_implementation(ATTN_NAME)
     return model
 
