@@ -79,6 +79,7 @@ def test_markdown_reports_every_section():
     assert "| full | 872 | 99.5% | 55.00 | 54.90 | 0.7100 | 0.7101 | 30.0 | 12.0 |" in text
     assert "| lora | error: boom |" in text
     assert "here, bf16: rank classification 100.0 ex/s (fp32: 40.0)" in text
+    assert "the test split's work) 70.0 ex/s (fp32: –)" in text
     assert "rank classification 6.2x faster (fp32: 2.5x)" in text
     assert "| sst2 | 10.0 | 25.0 | 2.50x | accuracy 50.000 | accuracy 0.500 |" in text
     assert text.index("| 1 | 2 | 50 |") < text.index("| 8 | 16 | 50 |")  # N in order
@@ -108,6 +109,7 @@ def test_eval_precision_compares_one_checkpoint_in_fp32_and_bf16():
 
     r = measure_eval_precision("lora", 2, model="t5-tiny")
     assert r["examples"] == 872  # the whole SST-2 test split
+    assert r["best_step"] == 2  # the trained checkpoint
     assert 0.5 <= r["agreement"] <= 1.0
     fp32, bf16 = r["metrics"]["fp32"], r["metrics"]["bf16"]
     assert fp32["loss"] != bf16["loss"]  # both precisions really ran

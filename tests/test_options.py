@@ -25,6 +25,33 @@ def test_bf16_autocast_on_cpu_runs_and_stays_close_to_fp32(tmp_path):
     assert abs(bf16["val_metrics"]["loss"] - fp32["val_metrics"]["loss"]) < 0.05 * fp32["val_metrics"]["loss"]
 
 
+def test_eval_precision_auto_keeps_the_test_split_in_fp32(monkeypatch):
+    import torch
+
+    from peftlab import run as run_module
+    from peftlab.config import resolve_run_config
+
+    cpu = torch.device("cpu")
+    cfg = resolve_run_config({"model": "t5-tiny"})
+    for native in (True, False):
+        monkeypatch.setattr(run_module, "native_bf16", lambda device, native=native: native)
+        assert run_module.use_bf16_eval(cfg, cpu, "validation") is native
+        assert run_module.use_bf16_eval(cfg, cpu, "test") is False
+    for precision, expected in (("bf16", True), ("fp32", False)):
+        cfg = resolve_run_config({"model": "t5-tiny", "eval_precision": precision})
+        assert all(run_module.use_bf16_eval(cfg, cpu, split) is expected
+                   for split in ("validation", "test"))
+
+
+def test_bf16_evaluation_is_recorded_and_its_test_metrics_stay_close(tmp_path):
+    fp32, _ = train(tmp_path, "fp32", eval_precision="fp32")
+    bf16, _ = train(tmp_path, "bf16", eval_precision="bf16")
+    assert fp32["eval_bf16"] == {"validation": False, "test": False}
+    assert bf16["eval_bf16"] == {"validation": True, "test": True}
+    a, b = fp32["test_metrics"]["loss"], bf16["test_metrics"]["loss"]
+    assert a != b and abs(a - b) < 0.05 * a
+
+
 def test_adafactor_and_gradient_accumulation(tmp_path):
     s, run_dir = train(tmp_path, optimizer="adafactor", grad_accum_steps=2, learning_rate=0.3,
                        method="prompt")

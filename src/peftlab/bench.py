@@ -11,7 +11,8 @@ Sections:
              (Seq2SeqTrainer + peft + DataCollatorForSeq2Seq), model FLOPs utilisation
   numerics   the same batches in the same order: per-step fp32 loss, peftlab vs reference
   bf16       bf16 autocast vs fp32 training, same seed and batches: speed, loss-curve drift,
-             metric; and one fp32-trained checkpoint evaluated in fp32 and in bf16
+             metric
+  bf16_eval  one fp32-trained checkpoint evaluated in fp32 and in bf16: agreement, metric, time
   batching   length-grouped vs random batches: padding, speed, and the metric after training
   eval       SST-2 by rank classification vs generation (ours, in the default evaluation
              precision and in fp32, and the reference's `predict_with_generate`); SAMSum
@@ -35,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 MODEL = "flan-t5-small-random"
-SECTIONS = ("matmul", "train", "numerics", "bf16", "batching", "eval", "cell", "grid")
+SECTIONS = ("matmul", "train", "numerics", "bf16", "bf16_eval", "batching", "eval", "cell",
+            "grid")
 SHAPES = {  # task, max source length, max target length
     "sst2": ("sst2", 128, 8),
     "samsum": ("samsum", 512, 128),
@@ -265,9 +267,10 @@ def measure_curve(method: str, shape: str, steps: int, precision: str, model: st
 
 def measure_eval(shape: str, n: int, batch_size: int, bf16: bool | None = None,
                  model: str = MODEL) -> dict[str, Any]:
-    """Our evaluation alone; `bf16` None: the run default (`eval_precision: auto`)."""
+    """Our evaluation alone; `bf16` None: the run default for validation evaluations."""
     from peftlab.data import tokenize
     from peftlab.evaluate import generate, inference_model, rank_classify
+    from peftlab.run import use_bf16_eval
 
     cfg, s, _ = _setup("untuned", shape, batch_size, 16, model=model)
     examples = s.splits.test[:n]
@@ -275,7 +278,7 @@ def measure_eval(shape: str, n: int, batch_size: int, bf16: bool | None = None,
     feats = tokenize(s.tokenizer, examples, src, tgt)
     settings = s.eval_settings("test", progress=False)
     settings.batch_size = batch_size
-    settings.bf16 = s.eval_bf16 if bf16 is None else bf16
+    settings.bf16 = use_bf16_eval(cfg, s.device, "validation") if bf16 is None else bf16
     evaluated = inference_model(s.model, settings.bf16)
     out: dict[str, Any] = {"examples": len(examples), "max_new_tokens": settings.max_new_tokens,
                            "bf16": settings.bf16}
@@ -297,26 +300,36 @@ def measure_eval(shape: str, n: int, batch_size: int, bf16: bool | None = None,
 
 def measure_eval_precision(method: str, steps: int, model: str = MODEL) -> dict[str, Any]:
     """Does bf16 evaluation hold the metric? A short fp32-trained SST-2 run (near chance on a
-    random-init model: small margins, the hardest case for rounding), its test split
-    evaluated in fp32 and in bf16: predictions that agree, accuracy, loss, wall time."""
+    random-init model: small margins, the hardest case for rounding), its final checkpoint
+    evaluated on the test split in fp32 and in bf16: predictions that agree, accuracy, loss,
+    evaluation time."""
+    from safetensors.torch import load_file
+
     from peftlab.config import resolve_run_config
-    from peftlab.run import reevaluate, run
+    from peftlab.evaluate import evaluate_model
+    from peftlab.run import ADAPTER_FILE, run, setup
 
     cfg = resolve_run_config({
         "model": model, "task": "sst2", "method": method, "train_size": 1000, "val_size": 200,
         "test_size": "all", "seed": 0, "max_steps": steps, "eval_every": steps,
+        "selection_metric": "loss",  # the trained checkpoint, not the random step 0
         "precision": "fp32", "eval_precision": "fp32", "output_dir": tempfile.mkdtemp(),
     })
-    run(cfg, progress=False)
+    summary = run(cfg, progress=False)
+    s = setup(cfg, for_inference=True)
+    s.method.load_state(s.model, load_file(str(Path(cfg.output_dir) / ADAPTER_FILE)))
+    features = s.features("test")
     results, seconds = {}, {}
     for precision in ("fp32", "bf16"):
+        settings = s.eval_settings("test", progress=False)
+        settings.bf16 = precision == "bf16"
         t = time.perf_counter()
-        results[precision] = reevaluate(cfg.output_dir, "test", progress=False,
-                                        overrides={"eval_precision": precision})
+        results[precision] = evaluate_model(s.model, s.tokenizer, s.task, s.splits.test,
+                                            features, settings)
         seconds[precision] = time.perf_counter() - t
     a, b = results["fp32"], results["bf16"]
-    return {"examples": len(a.rows), "steps": steps, "seconds": seconds,
-            "metrics": {"fp32": a.metrics, "bf16": b.metrics},
+    return {"examples": len(a.rows), "steps": steps, "best_step": summary["best_step"],
+            "seconds": seconds, "metrics": {"fp32": a.metrics, "bf16": b.metrics},
             "agreement": sum(x["prediction"] == y["prediction"] for x, y in zip(a.rows, b.rows))
             / len(a.rows)}
 
@@ -535,11 +548,12 @@ def run_benchmark(out_dir: Path, methods: list[str], shapes: list[str], steps: i
             bf16 = subprocess_measure("curve", precision="bf16", **kw)
             table[method] = _compare_curves(fp32, bf16, "fp32", "bf16")
             save("bf16", table)
-        evaluation = dict(results.get("bf16_eval", {}))
+    if "bf16_eval" in sections:
+        table = dict(results.get("bf16_eval", {}))
         for method in ("lora", "full"):
-            evaluation[method] = subprocess_measure("eval-precision", method=method,
-                                                    steps=curve_steps, **m)
-            save("bf16_eval", evaluation)
+            table[method] = subprocess_measure("eval-precision", method=method,
+                                               steps=curve_steps, **m)
+            save("bf16_eval", table)
     if "batching" in sections:
         table = dict(results.get("batching", {}))
         for shape in shapes:
@@ -725,12 +739,13 @@ def markdown(r: dict) -> str:
             precision = "bf16" if o.get("bf16") else "fp32"
             fp32 = e.get("ours_fp32", o)
             lines += [
-                f"SST-2 test ({o['examples']} examples, batch 64), peftlab in its default "
-                f"evaluation precision here, {precision}: rank classification "
+                f"SST-2 test ({o['examples']} examples, batch 64), peftlab in its validation "
+                f"precision here, {precision}: rank classification "
                 f"{o['rank_examples_per_s']:.1f} ex/s (fp32: {fp32['rank_examples_per_s']:.1f}); "
-                "rank classification plus free generation from the same encoder pass (what a "
-                f"test evaluation runs) {_f(o.get('rank_and_generate_examples_per_s'), '.1f')} "
-                f"ex/s; peftlab's own sorted generation {o['generate_examples_per_s']:.1f} ex/s "
+                "rank classification plus free generation from the same encoder pass (the test "
+                f"split's work) {_f(o.get('rank_and_generate_examples_per_s'), '.1f')} ex/s "
+                f"(fp32: {_f(fp32.get('rank_and_generate_examples_per_s'), '.1f')}); "
+                f"peftlab's own sorted generation {o['generate_examples_per_s']:.1f} ex/s "
                 f"({e['rank_vs_own_generation']:.1f}x). Reference `predict_with_generate` (fp32) "
                 f"{e['reference']['examples_per_s']:.1f} ex/s with its default length limit "
                 f"(an untrained model never stops early): rank classification "

@@ -51,8 +51,8 @@ class RunConfig(BaseModel):
         "auto", description="training: auto = bf16 autocast on GPU, fp32 on CPU"
     )
     eval_precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="evaluation: auto = bf16 autocast where bf16 matmuls are native "
-        "(GPU; CPU with AVX512-BF16 or AMX), else fp32"
+        "auto", description="evaluation: auto = validation in bf16 where bf16 matmuls are "
+        "native (GPU; CPU with AVX512-BF16 or AMX), the test split in fp32"
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_batch_size: int = Field(32, ge=1)

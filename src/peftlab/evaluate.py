@@ -1,7 +1,8 @@
 """Batched evaluation: rank classification, generation, teacher-forced loss, metrics.
 
-Only the model's public `forward` and `generate` are used, so every method (plain modules,
-peft wrappers, prefix hooks) is evaluated through the same code.
+Only public interfaces are used (the model's `forward` and `generate`, the KV cache that
+`forward` returns, peft's `get_base_model`), so every method (plain modules, peft wrappers,
+prefix hooks) is evaluated through the same code.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class EvalSettings:
     max_new_tokens: int
     num_beams: int
     device: torch.device
-    bf16: bool  # evaluate a bf16 copy of the model
+    bf16: bool  # evaluate_model evaluates a bf16 copy of the model
     pad_id: int = 0
     generate: bool = True  # classification: also generate, for exact match and invalid rate
     progress: bool = True

@@ -64,11 +64,14 @@ def use_bf16(cfg: RunConfig, device: torch.device) -> bool:
     return cfg.precision == "bf16"
 
 
-def use_bf16_eval(cfg: RunConfig, device: torch.device) -> bool:
-    """Evaluation. auto: bf16 autocast wherever it is native; on such a CPU it evaluated about
-    twice as fast with the same predictions (docs/speed.md)."""
+def use_bf16_eval(cfg: RunConfig, device: torch.device, split: str) -> bool:
+    """Evaluation. auto: the validation evaluations (repeated every `eval_every` steps, for
+    curves and selection) in bf16 wherever it is native, about twice as fast on such a CPU;
+    the test split, touched once and reported, always in fp32: bf16 rounding flipped 12% of
+    the predictions of a near-chance model, whose label scores are almost tied
+    (docs/speed.md)."""
     if cfg.eval_precision == "auto":
-        return native_bf16(device)
+        return split != "test" and native_bf16(device)
     return cfg.eval_precision == "bf16"
 
 
@@ -116,7 +119,6 @@ class Setup:
     base_params: int = 0
     device: torch.device = torch.device("cpu")
     bf16: bool = False  # training
-    eval_bf16: bool = False
 
     def features(self, split: str) -> Features:
         examples = getattr(self.splits, split)
@@ -125,7 +127,8 @@ class Setup:
 
     def eval_settings(self, split: str, progress: bool) -> EvalSettings:
         return EvalSettings(self.cfg.eval_batch_size, self.cfg.max_new_tokens, self.cfg.num_beams,
-                            self.device, self.eval_bf16, pad_id=self.tokenizer.pad_token_id,
+                            self.device, use_bf16_eval(self.cfg, self.device, split),
+                            pad_id=self.tokenizer.pad_token_id,
                             generate=split == "test" or self.cfg.generate_on_validation,
                             progress=progress)
 
@@ -163,7 +166,6 @@ def setup(cfg: RunConfig, for_inference: bool = False) -> Setup:
         raise PeftlabError(f"method `{method.name}`: {e}") from None
     s.device = resolve_device(cfg)
     s.bf16 = use_bf16(cfg, s.device)
-    s.eval_bf16 = use_bf16_eval(cfg, s.device)
     s.model.to(s.device)
     return s
 
@@ -254,7 +256,8 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> dict[
         "test_metrics": test.metrics,
         "wall_time_s": time.perf_counter() - started + (resume.meta["elapsed_s"] if resume else 0),
         "peak_memory_mb": peak_memory_mb(s.device),
-        "device": str(s.device), "bf16": s.bf16, "eval_bf16": s.eval_bf16,
+        "device": str(s.device), "bf16": s.bf16,
+        "eval_bf16": {split: use_bf16_eval(cfg, s.device, split) for split in ("validation", "test")},
         **environment(),
     })
     write_json(out / "summary.json", summary)  # last: its presence marks a finished run
@@ -271,14 +274,11 @@ def load_run_dir(run_dir: str | Path) -> tuple[RunConfig, Path]:
     return load_run_config(run_dir / "config.yaml"), run_dir
 
 
-def reevaluate(run_dir: str | Path, split: str = "test", progress: bool = True,
-               overrides: dict[str, Any] | None = None) -> EvalResult:
-    """Rebuild a saved run (base model + method + saved state) and evaluate one split;
-    `overrides` change evaluation settings (eval_precision, eval_batch_size...)."""
+def reevaluate(run_dir: str | Path, split: str = "test", progress: bool = True) -> EvalResult:
+    """Rebuild a saved run (base model + method + saved state) and evaluate one split."""
     from safetensors.torch import load_file
 
     cfg, run_dir = load_run_dir(run_dir)
-    cfg = cfg.model_copy(update=overrides or {})
     s = setup(cfg, for_inference=True)
     if not isinstance(s.method, Baseline) and s.method.trains:
         path = run_dir / ADAPTER_FILE
