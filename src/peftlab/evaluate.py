@@ -46,7 +46,7 @@ def inference_model(model: nn.Module, bf16: bool) -> nn.Module:
 
     Not autocast: its cast cache keeps only trainable leaves, so every frozen weight (all of
     them but the adapter's) is cast again at every call; measured on a CPU with AMX, rank
-    classification ran 1.5x faster than fp32 under autocast and 2.5x with a bf16 copy
+    classification ran 1.5x faster than fp32 under autocast and 2.1-2.6x with a bf16 copy
     (docs/speed.md). The copy also leaves the trained fp32 weights untouched.
     """
     if not bf16:

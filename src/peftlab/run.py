@@ -51,7 +51,7 @@ def native_bf16(device: torch.device) -> bool:
     emulates them, slower than fp32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    cpu = torch.cpu
+    cpu = torch.cpu  # torch's own CPU capability probes: private, hence the fallback
     return any(getattr(cpu, probe, lambda: False)()
                for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
