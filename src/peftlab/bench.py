@@ -270,15 +270,15 @@ def measure_eval(shape: str, n: int, batch_size: int, bf16: bool | None = None,
     """Our evaluation alone; `bf16` None: the run default for validation evaluations."""
     from peftlab.data import tokenize
     from peftlab.evaluate import generate, inference_model, rank_classify
-    from peftlab.run import use_bf16_eval
 
-    cfg, s, _ = _setup("untuned", shape, batch_size, 16, model=model)
+    _, s, _ = _setup("untuned", shape, batch_size, 16, model=model)
     examples = s.splits.test[:n]
     task, src, tgt = SHAPES[shape]
     feats = tokenize(s.tokenizer, examples, src, tgt)
-    settings = s.eval_settings("test", progress=False)
+    settings = s.eval_settings("validation", progress=False)
     settings.batch_size = batch_size
-    settings.bf16 = use_bf16_eval(cfg, s.device, "validation") if bf16 is None else bf16
+    if bf16 is not None:
+        settings.bf16 = bf16
     evaluated = inference_model(s.model, settings.bf16)
     out: dict[str, Any] = {"examples": len(examples), "max_new_tokens": settings.max_new_tokens,
                            "bf16": settings.bf16}
@@ -303,11 +303,9 @@ def measure_eval_precision(method: str, steps: int, model: str = MODEL) -> dict[
     random-init model: small margins, the hardest case for rounding), its final checkpoint
     evaluated on the test split in fp32 and in bf16: predictions that agree, accuracy, loss,
     evaluation time."""
-    from safetensors.torch import load_file
-
     from peftlab.config import resolve_run_config
     from peftlab.evaluate import evaluate_model
-    from peftlab.run import ADAPTER_FILE, run, setup
+    from peftlab.run import restore, run
 
     cfg = resolve_run_config({
         "model": model, "task": "sst2", "method": method, "train_size": 1000, "val_size": 200,
@@ -316,8 +314,7 @@ def measure_eval_precision(method: str, steps: int, model: str = MODEL) -> dict[
         "precision": "fp32", "eval_precision": "fp32", "output_dir": tempfile.mkdtemp(),
     })
     summary = run(cfg, progress=False)
-    s = setup(cfg, for_inference=True)
-    s.method.load_state(s.model, load_file(str(Path(cfg.output_dir) / ADAPTER_FILE)))
+    s = restore(cfg.output_dir)
     features = s.features("test")
     results, seconds = {}, {}
     for precision in ("fp32", "bf16"):

@@ -8,6 +8,7 @@ prefix hooks) is evaluated through the same code.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -85,10 +86,11 @@ def _decoder_prompt(model: nn.Module) -> bool:
                 and config.num_transformer_submodules == 2)
 
 
-def _cache_argument(model: nn.Module) -> str:
+@functools.cache
+def _cache_argument(model_class: type) -> str:
     # transformers 5.2x renamed forward's `past_key_values` to `cache`; accept both
-    forward = inspect.signature(type(_transformers_model(model)).forward).parameters
-    return "cache" if "cache" in forward else "past_key_values"
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters \
+        else "past_key_values"
 
 
 @dataclass
@@ -131,11 +133,12 @@ def _candidate_logprobs(model: nn.Module, encoded: _Encoded, candidates: torch.T
     logits = encoded.first_logits.repeat_interleave(n, dim=0)
     if labels.shape[1] > 1:
         encoded.cache.batch_repeat_interleave(n)
-        rest = _transformers_model(model)(
+        decoder = _transformers_model(model)
+        rest = decoder(
             encoder_outputs=(encoded.states.repeat_interleave(n, dim=0),),
             attention_mask=encoded.mask.repeat_interleave(n, dim=0),
             decoder_input_ids=labels[:, :-1].clamp(min=s.pad_id),  # teacher forcing
-            use_cache=True, **{_cache_argument(model): encoded.cache},
+            use_cache=True, **{_cache_argument(type(decoder)): encoded.cache},
         ).logits
         logits = torch.cat([logits, rest], dim=1)
     return _picked_logprobs(logits, labels)

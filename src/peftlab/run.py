@@ -274,8 +274,8 @@ def load_run_dir(run_dir: str | Path) -> tuple[RunConfig, Path]:
     return load_run_config(run_dir / "config.yaml"), run_dir
 
 
-def reevaluate(run_dir: str | Path, split: str = "test", progress: bool = True) -> EvalResult:
-    """Rebuild a saved run (base model + method + saved state) and evaluate one split."""
+def restore(run_dir: str | Path) -> Setup:
+    """Rebuild a saved run: base model + method + the state it saved."""
     from safetensors.torch import load_file
 
     cfg, run_dir = load_run_dir(run_dir)
@@ -289,7 +289,12 @@ def reevaluate(run_dir: str | Path, split: str = "test", progress: bool = True) 
         except Exception as e:
             raise PeftlabError(f"{path}: corrupt checkpoint ({type(e).__name__}: {e})") from None
         s.method.load_state(s.model, state)
-    result = s.evaluate(split, progress=progress)
-    write_json(run_dir / "eval" / f"{split}.json", result.metrics)
-    write_jsonl(run_dir / "eval" / f"{split}.jsonl", result.rows)
+    return s
+
+
+def reevaluate(run_dir: str | Path, split: str = "test", progress: bool = True) -> EvalResult:
+    """Rebuild a saved run and evaluate one split; the result goes to `run_dir/eval/`."""
+    result = restore(run_dir).evaluate(split, progress=progress)
+    write_json(Path(run_dir) / "eval" / f"{split}.json", result.metrics)
+    write_jsonl(Path(run_dir) / "eval" / f"{split}.jsonl", result.rows)
     return result
