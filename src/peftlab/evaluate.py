@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.modeling_outputs import BaseModelOutput
 
 from peftlab.data import IGNORE_INDEX, Features, pad, sorted_batches
+from peftlab.denormals import flushed_denormals
 from peftlab.tasks import ClassificationTask, Example, Task
 
 
@@ -224,6 +225,7 @@ def _rows(examples: list[Example], scored: list[dict[str, Any]]) -> list[dict[st
     return [{"id": ex.id, "reference": ex.target, **row} for ex, row in zip(examples, scored)]
 
 
+@flushed_denormals()
 def evaluate_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task,
                    examples: list[Example], features: Features, s: EvalSettings) -> EvalResult:
     """Loss and the task's metrics on one split."""

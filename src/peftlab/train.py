@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ from transformers.optimization import Adafactor
 from peftlab.checkpoint import Checkpoint, rng_state, set_rng_state
 from peftlab.config import RunConfig
 from peftlab.data import Features, training_batches
+from peftlab.denormals import flushed_denormals
 from peftlab.methods import Method
 
 
@@ -68,23 +69,7 @@ def is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
     return value > best if higher_is_better else value < best
 
 
-@contextlib.contextmanager
-def flush_denormals() -> Iterator[None]:
-    """Flush CPU values below 1e-38 to zero inside the block, and restore on exit.
-
-    Adam's squared gradients of a freshly initialised model underflow into denormals, which
-    x86 computes on a slow path: two steps of full fine-tuning took 9 s instead of 1 s.
-    Flushing them changes no loss above float rounding (on a GPU it touches only host-side
-    arithmetic). The setting is process-wide (it also changes numpy's), hence scoped.
-    """
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(False)
-
-
-@flush_denormals()
+@flushed_denormals()
 def train(
     model: nn.Module,
     method: Method,
