@@ -46,6 +46,8 @@ def test_markdown_reports_every_section():
                                                             "peak_memory_mb": 1000.0},
                                  "speedup": 2.0, "mfu": 0.004},
                    "sst2/full": {"ours": {"error": "boom"}, "reference": {"error": "boom"}}},
+         "mfu": {"fp32/8": {**run, "peak_flops_per_s": 2e11, "flops_per_s": 5e10, "mfu": 0.25},
+                 "bf16/64": {"error": "out of memory"}},
          "numerics": {"lora": {"max_abs_diff": 0.0}},
          "bf16": {"lora": {"fp32": curve, "bf16": curve, "speedup": 1.5, "max_abs_loss_diff": 0.01,
                            "mean_abs_loss_diff": 0.005, "val_metric": {"fp32": 60.0, "bf16": 59.5}}},
@@ -73,6 +75,8 @@ def test_markdown_reports_every_section():
     text = markdown(r)
     assert "| sst2/lora | 10.00 | 5.00 | 2.00x | 400 | 0.4% | 900 | 1000 |" in text
     assert "| sst2/full | boom | boom |" in text
+    assert "| fp32 | 8 | 10.00 | 50.0 G | 200 G | 25.0% |" in text
+    assert "| bf16 | 64 | error: out of memory |" in text
     assert "lora 0.00e+00" in text
     assert "| lora | 1.50x | 0.0100 | 0.0050 | 60.00 | 59.50 |" in text
     assert "| sst2 | 2.0% | 30.0% | 1.10x |" in text
@@ -92,6 +96,7 @@ def test_tiny_benchmark_matches_the_reference_loss_and_keeps_earlier_sections(tm
     row = first["train"]["sst2/lora"]
     assert row["ours"]["examples_per_s"] > 0 and row["reference"]["examples_per_s"] > 0
     assert row["speedup"] > 0 and 0 < row["mfu"] < 1
+    assert row["mfu"] == row["ours"]["flops_per_s"] / row["ours"]["peak_flops_per_s"]
     assert row["ours"]["peak_memory_mb"] > 100
     second = run_benchmark(tmp_path, sections=["numerics"], keep=True, **kw)
     for method in ("lora", "full"):  # same batches, same order: the same losses
@@ -114,3 +119,24 @@ def test_eval_precision_compares_one_checkpoint_in_fp32_and_bf16():
     fp32, bf16 = r["metrics"]["fp32"], r["metrics"]["bf16"]
     assert fp32["loss"] != bf16["loss"]  # both precisions really ran
     assert abs(fp32["accuracy"] - bf16["accuracy"]) <= 100 * (1 - r["agreement"]) + 1e-9
+
+
+def test_mfu_section_measures_full_fine_tuning_per_precision_and_batch_size(tmp_path,
+                                                                            monkeypatch):
+    import peftlab.bench as bench
+
+    calls = []
+
+    def fake_measure(kind, **kw):
+        calls.append((kind, kw))
+        return {"examples_per_s": 1.0, "tokens_per_s": 1.0, "flops_per_s": 1e9,
+                "peak_flops_per_s": 4e9, "mfu": 0.25, "peak_memory_mb": 1.0}
+
+    monkeypatch.setattr(bench, "subprocess_measure", fake_measure)
+    r = run_benchmark(tmp_path, ["lora"], ["sst2"], 2, 1, "fp32", ["mfu"], model="t5-tiny",
+                      log=lambda m: None)
+    assert [(kw["precision"], kw["batch_size"]) for _, kw in calls] == [
+        (p, b) for p in ("fp32", "bf16") for b in bench.MFU_BATCH_SIZES]
+    assert all(kind == "ours" and kw["method"] == "full" for kind, kw in calls)
+    assert set(r["mfu"]) == {f"{p}/{b}" for p in ("fp32", "bf16") for b in bench.MFU_BATCH_SIZES}
+    assert "## Full fine-tuning's MFU by batch size" in (tmp_path / "bench.md").read_text()

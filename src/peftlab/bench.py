@@ -6,9 +6,10 @@ measurement helps it. The model is `flan-t5-small-random` (the real geometry: sp
 depend on weight values); batches come from the real SST-2 and SAMSum data.
 
 Sections:
-  matmul     the machine's measured matmul peak (fp32 and bf16), the denominator of MFU
+  matmul     the machine's measured matmul peak (fp32 and bf16)
   train      training throughput per method and batch shape: peftlab's loop vs the reference
-             (Seq2SeqTrainer + peft + DataCollatorForSeq2Seq), model FLOPs utilisation
+             (Seq2SeqTrainer + peft + DataCollatorForSeq2Seq), model FLOPs utilisation (MFU)
+  mfu        full fine-tuning's MFU by batch size, fp32 and bf16, SST-2 shapes
   numerics   the same batches in the same order: per-step fp32 loss, peftlab vs reference
   bf16       bf16 autocast vs fp32 training, same seed and batches: speed, loss-curve drift,
              metric
@@ -36,8 +37,9 @@ from pathlib import Path
 from typing import Any
 
 MODEL = "flan-t5-small-random"
-SECTIONS = ("matmul", "train", "numerics", "bf16", "bf16_eval", "batching", "eval", "cell",
-            "grid")
+SECTIONS = ("matmul", "train", "mfu", "numerics", "bf16", "bf16_eval", "batching", "eval",
+            "cell", "grid")
+MFU_BATCH_SIZES = (8, 32, 64)
 SHAPES = {  # task, max source length, max target length
     "sst2": ("sst2", 128, 8),
     "samsum": ("samsum", 512, 128),
@@ -122,8 +124,13 @@ def measure_ours(method: str, shape: str, batch_size: int, steps: int, warmup: i
         _sync(s.device)
         return {metric: 0.0, "loss": 0.0}
 
+    # MFU's denominator, measured in this process just before and after the steps: this
+    # machine's matmul rate moves by up to 2x between minutes (a shared host), so a peak
+    # from another process at another time made MFU swing as much. The larger is kept.
+    peak = measure_matmul(repeats=5)[f"{precision}_flops_per_s"]
     train(s.model, s.method, cfg, features, at_eval, rows.append, (metric, True), s.device,
           bf16, s.tokenizer.pad_token_id, progress=False)
+    peak = max(peak, measure_matmul(repeats=5)[f"{precision}_flops_per_s"])
     timed = next(r for r in rows if r["step"] == warmup + steps)
     seconds = timed["elapsed_s"] - next(r for r in rows if r["step"] == warmup)["elapsed_s"]
     # the same batches again, to count their real and padded tokens
@@ -141,6 +148,7 @@ def measure_ours(method: str, shape: str, batch_size: int, steps: int, warmup: i
     flops = model_flops(s.model.config, enc, dec, full=method == "full")
     return {"seconds": seconds, "examples_per_s": examples / seconds,
             "tokens_per_s": (sum(enc) + sum(dec)) / seconds, "flops_per_s": flops / seconds,
+            "peak_flops_per_s": peak, "mfu": flops / seconds / peak,
             "padding_fraction": 1 - (sum(enc) + sum(dec)) / padded,
             "peak_memory_mb": peak_memory_mb(s.device), "device": str(s.device)}
 
@@ -521,7 +529,6 @@ def run_benchmark(out_dir: Path, methods: list[str], shapes: list[str], steps: i
     if "matmul" in sections or "train" in sections:
         save("matmul", subprocess_measure("matmul"))
     if "train" in sections:
-        peak = results["matmul"].get(f"{precision}_flops_per_s")
         table = dict(results.get("train", {}))
         for shape in shapes:
             for method in methods:
@@ -531,9 +538,17 @@ def run_benchmark(out_dir: Path, methods: list[str], shapes: list[str], steps: i
                 row = {"ours": ours, "reference": ref}
                 if "error" not in ours and "error" not in ref:
                     row["speedup"] = ours["examples_per_s"] / ref["examples_per_s"]
-                    row["mfu"] = ours["flops_per_s"] / peak if peak else None
+                    row["mfu"] = ours["mfu"]
                 table[f"{shape}/{method}"] = row
                 save("train", table)
+    if "mfu" in sections:
+        table = dict(results.get("mfu", {}))
+        for mfu_precision in ("fp32", "bf16"):
+            for batch_size in MFU_BATCH_SIZES:
+                table[f"{mfu_precision}/{batch_size}"] = subprocess_measure(
+                    "ours", method="full", shape="sst2", batch_size=batch_size, steps=steps,
+                    warmup=warmup, precision=mfu_precision, **m)
+                save("mfu", table)
     if "numerics" in sections:
         save("numerics", {method: measure_numerics(method, 8, model)
                           for method in ("lora", "full")})
@@ -663,8 +678,9 @@ def markdown(r: dict) -> str:
         scale, unit = (1e12, "TFLOP/s") if m["fp32_flops_per_s"] > 5e12 else (1e9, "GFLOP/s")
         lines += [f"Measured matmul peak ({m.get('size', 2048)}x{m.get('size', 2048)}): fp32 "
                   f"{m['fp32_flops_per_s'] / scale:.0f} {unit}, bf16 "
-                  f"{m['bf16_flops_per_s'] / scale:.0f} {unit}. MFU is against the "
-                  f"{r['precision']} peak.", ""]
+                  f"{m['bf16_flops_per_s'] / scale:.0f} {unit}. MFU is against the peak of "
+                  "the precision used, measured in the same process before and after the "
+                  "timed steps (the larger of the two).", ""]
     if "train" in r:
         columns = ["shape/method", "peftlab ex/s", "reference ex/s", "speedup", "peftlab tok/s",
                    "MFU", "peftlab peak MB", "reference peak MB"]
@@ -681,6 +697,21 @@ def markdown(r: dict) -> str:
                                f"{row['speedup']:.2f}x", f"{o['tokens_per_s']:.0f}",
                                f"{_f(mfu, mfu_fmt)}%", f"{o['peak_memory_mb']:.0f}",
                                f"{f['peak_memory_mb']:.0f}"], len(columns)))
+        lines.append("")
+    if "mfu" in r:
+        columns = ["precision", "batch", "examples/s", "model FLOP/s", "matmul peak", "MFU"]
+        lines += _table(f"## Full fine-tuning's MFU by batch size (SST-2 shapes, {r['steps']} "
+                        f"timed steps after {r['warmup']} warm-up)", columns)
+        for key, o in r["mfu"].items():
+            precision, batch = key.split("/")
+            if "error" in o:
+                lines.append(_row([precision, batch, f"error: {o['error']}"], len(columns)))
+                continue
+            scale, unit = (1e12, "T") if o["peak_flops_per_s"] > 5e12 else (1e9, "G")
+            lines.append(_row([precision, batch, f"{o['examples_per_s']:.2f}",
+                               f"{o['flops_per_s'] / scale:.1f} {unit}",
+                               f"{o['peak_flops_per_s'] / scale:.0f} {unit}",
+                               f"{_f(100 * o['mfu'], '.1f')}%"], len(columns)))
         lines.append("")
     if "numerics" in r:
         lines += ["## Numerics", "", "Same batches, same order, fp32 (8 steps): max |loss "

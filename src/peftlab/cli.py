@@ -130,8 +130,8 @@ def bench_cmd(
     methods: Annotated[str, typer.Option(help="comma-separated")] = "full,lora,prompt,prefix,ia3",
     shapes: Annotated[str, typer.Option(help="sst2,samsum")] = "sst2,samsum",
     sections: Annotated[str, typer.Option(
-        help="matmul,train,numerics,bf16,bf16_eval,batching,eval,cell,grid")] = (
-        "matmul,train,numerics,bf16,bf16_eval,batching,eval,cell"),
+        help="matmul,train,mfu,numerics,bf16,bf16_eval,batching,eval,cell,grid")] = (
+        "matmul,train,mfu,numerics,bf16,bf16_eval,batching,eval,cell"),
     steps: Annotated[int, typer.Option(min=1, help="timed training steps")] = 10,
     warmup: Annotated[int, typer.Option(min=1, help="untimed steps first")] = 3,
     precision: Annotated[str, typer.Option(help="fp32 or bf16")] = "fp32",
