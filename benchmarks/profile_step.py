@@ -3,7 +3,7 @@
     PEFTLAB_DATA_DIR=../shared/data .venv/bin/python benchmarks/profile_step.py \
         --method full --shape sst2 --steps 12 [--denormals] [--optimizer plain] [--bf16] [--ops]
 
---denormals keeps x86 denormal arithmetic (peftlab flushes them to zero on CPU);
+--denormals keeps x86 denormal arithmetic (peftlab flushes them to zero in every thread);
 --optimizer plain is torch's per-tensor AdamW (peftlab uses the fused one); --ops prints the
 torch profiler's operator table for one step.
 """
@@ -17,6 +17,7 @@ import torch
 
 from peftlab.bench import _setup
 from peftlab.data import training_batches
+from peftlab.denormals import set_flush_denormal
 
 
 def main() -> None:
@@ -32,7 +33,7 @@ def main() -> None:
     a = ap.parse_args()
 
     cfg, s, features = _setup(a.method, a.shape, 8, 256, model=a.model)
-    torch.set_flush_denormal(not a.denormals)
+    set_flush_denormal(not a.denormals)  # every compute thread, as the training loop does
     model = s.model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, fused=a.optimizer == "fused" or None)

@@ -124,13 +124,13 @@ def measure_ours(method: str, shape: str, batch_size: int, steps: int, warmup: i
         _sync(s.device)
         return {metric: 0.0, "loss": 0.0}
 
-    # MFU's denominator, measured in this process just before and after the steps: this
-    # machine's matmul rate moves by up to 2x between minutes (a shared host), so a peak
-    # from another process at another time made MFU swing as much. The larger is kept.
-    peak = measure_matmul(repeats=5)[f"{precision}_flops_per_s"]
     train(s.model, s.method, cfg, features, at_eval, rows.append, (metric, True), s.device,
           bf16, s.tokenizer.pad_token_id, progress=False)
-    peak = max(peak, measure_matmul(repeats=5)[f"{precision}_flops_per_s"])
+    # MFU's denominator, measured in this process right after the steps: this machine's
+    # matmul rate moves by up to 2x between minutes (a shared host), so a peak from another
+    # process at another time made MFU swing as much. Not before the steps: 2048-sized fp32
+    # then bf16 products run first made the full fine-tuning steps after them 2x slower.
+    peak = measure_matmul()[f"{precision}_flops_per_s"]
     timed = next(r for r in rows if r["step"] == warmup + steps)
     seconds = timed["elapsed_s"] - next(r for r in rows if r["step"] == warmup)["elapsed_s"]
     # the same batches again, to count their real and padded tokens
@@ -679,8 +679,8 @@ def markdown(r: dict) -> str:
         lines += [f"Measured matmul peak ({m.get('size', 2048)}x{m.get('size', 2048)}): fp32 "
                   f"{m['fp32_flops_per_s'] / scale:.0f} {unit}, bf16 "
                   f"{m['bf16_flops_per_s'] / scale:.0f} {unit}. MFU is against the peak of "
-                  "the precision used, measured in the same process before and after the "
-                  "timed steps (the larger of the two).", ""]
+                  "the precision used, measured in the same process right after the timed "
+                  "steps.", ""]
     if "train" in r:
         columns = ["shape/method", "peftlab ex/s", "reference ex/s", "speedup", "peftlab tok/s",
                    "MFU", "peftlab peak MB", "reference peak MB"]
