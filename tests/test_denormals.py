@@ -44,3 +44,21 @@ def test_nested_blocks_keep_flushing_until_the_outermost_ends(two_threads):
         assert flushed_fraction() == 1.0
     assert flushed_fraction() == 0.0
     assert set_flush_denormal(False)
+
+
+def test_another_librarys_openmp_pool_is_not_taken_for_torchs(two_threads, monkeypatch):
+    """sentencepiece's wheel brings its own libgomp; listed first, it must be passed over."""
+    pytest.importorskip("sentencepiece")
+    from peftlab import denormals
+
+    runtimes = denormals._loaded_openmp_libraries()
+    if len(runtimes) < 2:
+        pytest.skip("only one OpenMP runtime loaded")
+    monkeypatch.setattr(denormals, "_loaded_openmp_libraries", lambda: runtimes[::-1])
+    denormals._torch_pool_entry.cache_clear()
+    try:
+        with flushed_denormals():
+            assert flushed_fraction() == 1.0
+        assert flushed_fraction() == 0.0
+    finally:
+        denormals._torch_pool_entry.cache_clear()

@@ -9,7 +9,7 @@ elementwise kernel keep the flag they were started with (a thread inherits it fr
 creator, and the pool starts at the first parallel operation). torch has no call that
 reaches them, so `set_flush_denormal` runs torch's own setter once on every thread of the
 pool, through OpenMP's `GOMP_parallel` entry point (exported by libgomp, and for
-compatibility by LLVM's libomp and Intel's libiomp).
+compatibility by LLVM's libomp and Intel's libiomp) of the runtime torch's kernels use.
 """
 
 from __future__ import annotations
@@ -27,17 +27,39 @@ _OPENMP_NAMES = ("libgomp", "libomp", "libiomp")
 
 
 def _loaded_openmp_libraries() -> list[str]:
-    """Paths of the OpenMP runtimes mapped into this process (Linux); empty elsewhere."""
+    """OpenMP runtimes mapped into this process (Linux; empty elsewhere), torch's own first.
+
+    Other wheels bring their own copies (sentencepiece's libgomp): each runs its own thread
+    pool, and reaching that pool does nothing for torch's.
+    """
     try:
         lines = Path("/proc/self/maps").read_text().splitlines()
     except OSError:
         return []
     paths = {line.split(maxsplit=5)[-1] for line in lines if line.count(" ") >= 5}
-    return sorted(p for p in paths if Path(p).name.startswith(_OPENMP_NAMES))
+    torch_dir = str(Path(torch.__file__).parent)
+    return sorted((p for p in paths if Path(p).name.startswith(_OPENMP_NAMES)),
+                  key=lambda p: (not p.startswith(torch_dir), p))
+
+
+def _every_thread_flushes() -> bool:
+    """Whether a kernel split across all intra-op threads flushes its denormal inputs."""
+    denormals = torch.zeros(1 << 20)
+    denormals.view(torch.int32)[:] = 5  # the bit pattern of a positive denormal
+    return bool(((denormals * 1.0).view(torch.int32) == 0).all())
+
+
+def _on_every_thread(parallel: ctypes._CFuncPtr, on: bool) -> None:
+    task = _TASK(lambda _: torch.set_flush_denormal(on))  # runs once on each pool thread
+    parallel(task, None, torch.get_num_threads(), 0)
 
 
 @functools.cache
-def _gomp_parallel() -> ctypes._CFuncPtr | None:
+def _torch_pool_entry() -> ctypes._CFuncPtr | None:
+    """`GOMP_parallel` of the runtime whose pool runs torch's kernels, found by its effect:
+    with flushing on there, a kernel split across torch's threads flushes all its inputs.
+    Leaves flushing on in the calling thread."""
+    torch.set_flush_denormal(True)
     for path in [*_loaded_openmp_libraries(), None]:  # None: symbols already global
         try:
             parallel = ctypes.CDLL(path).GOMP_parallel
@@ -45,23 +67,24 @@ def _gomp_parallel() -> ctypes._CFuncPtr | None:
             continue
         parallel.argtypes = [_TASK, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
         parallel.restype = None
-        return parallel
+        _on_every_thread(parallel, True)
+        if _every_thread_flushes():
+            return parallel
+        _on_every_thread(parallel, False)  # another library's pool: leave it as it was
     return None
 
 
 def set_flush_denormal(on: bool) -> bool:
-    """Set flush-to-zero in the calling thread and every thread of its OpenMP pool.
+    """Set flush-to-zero in the calling thread and every thread of torch's OpenMP pool.
 
-    Returns False where the CPU has no such mode (then nothing changes). Without an OpenMP
-    runtime to reach, only the calling thread changes, as with `torch.set_flush_denormal`.
+    Returns False where the CPU has no such mode (then nothing changes). Where no runtime
+    reaches torch's pool, only the calling thread changes, as with `torch.set_flush_denormal`.
     """
     if not torch.set_flush_denormal(on):
         return False
-    parallel = _gomp_parallel()
-    threads = torch.get_num_threads()
-    if parallel is not None and threads > 1:
-        task = _TASK(lambda _: torch.set_flush_denormal(on))  # runs once on each thread
-        parallel(task, None, threads, 0)
+    if torch.get_num_threads() > 1 and (parallel := _torch_pool_entry()) is not None:
+        torch.set_flush_denormal(on)  # the first search left it on
+        _on_every_thread(parallel, on)
     return True
 
 
