@@ -58,7 +58,7 @@ def _on_every_thread(parallel: ctypes._CFuncPtr, on: bool) -> None:
 def _torch_pool_entry() -> ctypes._CFuncPtr | None:
     """`GOMP_parallel` of the runtime whose pool runs torch's kernels, found by its effect:
     with flushing on there, a kernel split across torch's threads flushes all its inputs.
-    Leaves flushing on in the calling thread."""
+    Leaves flushing on in the calling thread (the caller sets it next)."""
     torch.set_flush_denormal(True)
     for path in [*_loaded_openmp_libraries(), None]:  # None: symbols already global
         try:
@@ -80,10 +80,10 @@ def set_flush_denormal(on: bool) -> bool:
     Returns False where the CPU has no such mode (then nothing changes). Where no runtime
     reaches torch's pool, only the calling thread changes, as with `torch.set_flush_denormal`.
     """
+    parallel = _torch_pool_entry() if torch.get_num_threads() > 1 else None
     if not torch.set_flush_denormal(on):
         return False
-    if torch.get_num_threads() > 1 and (parallel := _torch_pool_entry()) is not None:
-        torch.set_flush_denormal(on)  # the first search left it on
+    if parallel is not None:
         _on_every_thread(parallel, on)
     return True
 
