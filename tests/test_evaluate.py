@@ -141,6 +141,47 @@ def test_generation_from_shared_encoder_equals_plain_generation(tokenizer, sst2_
     np.testing.assert_allclose(alone.scores, ranked.scores, rtol=1e-6)
 
 
+def test_greedy_loop_from_the_cache_stops_rows_at_eos_as_generate_does(tokenizer, sst2_val,
+                                                                         monkeypatch):
+    """Rows that end (EOS) at different steps; the test split's generation must not fall back
+    to `generate` for the default generation settings, and must match it."""
+    task, _, feats = sst2_val
+    model = label_heavy_model(tokenizer)
+    s = settings(tokenizer)
+    s.max_new_tokens = 6
+    plain = generate(model, tokenizer, feats, s)
+    lengths = {len(tokenizer(g)["input_ids"]) for g in plain}
+    assert len(lengths) > 1 and 2 in lengths  # a label word + EOS, and longer ones
+    candidates = [tokenizer(w)["input_ids"] for w in task.label_words]
+
+    def refuse(*a, **kw):
+        raise AssertionError("generate called: the greedy loop from the cache was not used")
+
+    monkeypatch.setattr(type(model), "generate", refuse)
+    ranked = rank_classify(model, feats, candidates, s, generate_with=tokenizer)
+    assert ranked.generated == plain
+    alone = rank_classify(model, feats, candidates, s)
+    np.testing.assert_allclose(alone.scores, ranked.scores, rtol=1e-6)
+    # the label's EOS is scored from the cache after the label word: the generated positions
+    # must be gone from it by then
+    np.testing.assert_allclose(alone.nll, ranked.nll, rtol=1e-6)
+
+
+def test_generation_settings_the_loop_does_not_apply_go_to_generate(tokenizer, sst2_val):
+    from peftlab.evaluate import _encode, _greedy_from_cache
+
+    task, _, feats = sst2_val
+    model = label_heavy_model(tokenizer)
+    model.generation_config.repetition_penalty = 3.0
+    s = settings(tokenizer)
+    inputs = collate(feats, list(range(4)), tokenizer.pad_token_id)["input_ids"]
+    with torch.no_grad():
+        assert _greedy_from_cache(model, _encode(model, inputs, s), s) is None
+    candidates = [tokenizer(w)["input_ids"] for w in task.label_words]
+    ranked = rank_classify(model, feats, candidates, s, generate_with=tokenizer)
+    assert ranked.generated == generate(model, tokenizer, feats, s)  # penalty applied in both
+
+
 @pytest.mark.parametrize("method,args", METHOD_CASES)
 def test_bf16_evaluation_runs_on_a_copy_close_to_fp32(tokenizer, sst2_val, method, args):
     """bf16 evaluates a bf16 copy: the trained fp32 weights and the train mode are untouched,
