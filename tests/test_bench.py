@@ -3,6 +3,7 @@
 import json
 from types import SimpleNamespace
 
+import pytest
 from typer.testing import CliRunner
 
 from peftlab.bench import markdown, model_flops, run_benchmark
@@ -140,3 +141,58 @@ def test_mfu_section_measures_full_fine_tuning_per_precision_and_batch_size(tmp_
     assert all(kind == "ours" and kw["method"] == "full" for kind, kw in calls)
     assert set(r["mfu"]) == {f"{p}/{b}" for p in ("fp32", "bf16") for b in bench.MFU_BATCH_SIZES}
     assert "## Full fine-tuning's MFU by batch size" in (tmp_path / "bench.md").read_text()
+
+
+def test_repeats_measure_back_to_back_pairs_in_alternating_order(tmp_path, monkeypatch):
+    """The reported ratio is the median of back-to-back pairs' ratios, not a ratio of
+    medians, and each row keeps every pair's ratio."""
+    import peftlab.bench as bench
+
+    calls = []
+    # the host slows down over time: each measurement is slower than the one before
+    def fake_measure(kind, **kw):
+        calls.append(kind)
+        slow = len(calls)
+        if kind == "matmul":
+            return {"fp32_flops_per_s": 1e11, "bf16_flops_per_s": 2e11}
+        if kind.startswith("cell"):
+            return {"seconds": (10.0 if kind == "cell-ours" else 20.0) * slow, "test_metrics": {}}
+        rate = (30.0 if kind == "ours" else 10.0) / slow
+        return {"examples_per_s": rate, "tokens_per_s": rate, "peak_memory_mb": 1.0,
+                "mfu": 0.1 / slow}
+
+    monkeypatch.setattr(bench, "subprocess_measure", fake_measure)
+    r = run_benchmark(tmp_path, ["lora"], ["sst2"], 2, 1, "fp32", ["train", "cell"],
+                      model="t5-tiny", repeats=3, log=lambda m: None)
+    train_calls = [c for c in calls if c in ("ours", "reference")]
+    assert train_calls == ["ours", "reference", "reference", "ours", "ours", "reference"]
+    row = r["train"]["sst2/lora"]
+    # ratio 3 * (reference's slowness) / (ours'); calls 2-3, 4-5, 6-7 after the matmul call
+    assert row["speedups"] == pytest.approx([3 * 3 / 2, 3 * 4 / 5, 3 * 7 / 6])
+    assert row["speedup"] == pytest.approx(3.5)
+    assert row["ours"]["examples_per_s"] == pytest.approx(30 / 5)  # the median ours run
+    assert row["mfu"] == row["ours"]["mfu"]
+    cell = r["cell"]["sst2"]
+    assert cell["speedups"] == pytest.approx([2 * 9 / 8, 2 * 10 / 11, 2 * 13 / 12])
+    assert cell["speedup"] == pytest.approx(2 * 13 / 12)
+    text = (tmp_path / "bench.md").read_text()
+    assert "| sst2/lora | 6.00 | " in text and "3.50x (2.40-4.50x, 3 pairs)" in text
+
+
+def test_a_failed_repeat_reports_the_error_and_no_ratio(tmp_path, monkeypatch):
+    import peftlab.bench as bench
+
+    calls = []
+
+    def fake_measure(kind, **kw):
+        calls.append(kind)
+        if kind == "cell-reference" and len(calls) == 3:
+            return {"error": "killed"}
+        return {"seconds": 10.0, "test_metrics": {}}
+
+    monkeypatch.setattr(bench, "subprocess_measure", fake_measure)
+    r = run_benchmark(tmp_path, ["lora"], ["sst2"], 2, 1, "fp32", ["cell"], model="t5-tiny",
+                      repeats=2, log=lambda m: None)
+    assert r["cell"]["sst2"]["reference"] == {"error": "killed"}
+    assert "speedup" not in r["cell"]["sst2"]
+    assert "| sst2 |  | killed |" in (tmp_path / "bench.md").read_text()

@@ -29,10 +29,12 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -491,13 +493,45 @@ def subprocess_measure(kind: str, **kwargs: Any) -> dict[str, Any]:
         return json.loads(Path(f.name).read_text())
 
 
+def paired(ours_kind: str, reference_kind: str, kwargs: dict[str, Any], repeats: int,
+           rate: Callable[[dict[str, Any]], float]) -> dict[str, Any]:
+    """peftlab and the reference measured back to back `repeats` times, alternating which
+    goes first; `rate` is higher-is-better (examples/s, 1/seconds).
+
+    On a shared host the machine's speed drifts between minutes (on the 2-core CPU these
+    figures come from, the reference's own rate moved by up to 45% between runs of the same
+    command), so one pair's ratio can be off by as much. Each ratio is taken from one
+    back-to-back pair, and the median of the pairs' ratios is reported with all of them;
+    `ours` and `reference` are the runs with the median rate.
+    """
+    ours_runs, reference_runs = [], []
+    for i in range(repeats):
+        first_ours = i % 2 == 0
+        for kind in (ours_kind, reference_kind) if first_ours else (reference_kind, ours_kind):
+            (ours_runs if kind == ours_kind else reference_runs).append(
+                subprocess_measure(kind, **kwargs))
+    failed = [r for r in ours_runs + reference_runs if "error" in r]
+    if failed:
+        return {"ours": next((r for r in ours_runs if "error" in r), ours_runs[0]),
+                "reference": next((r for r in reference_runs if "error" in r),
+                                  reference_runs[0])}
+    ratios = [rate(o) / rate(f) for o, f in zip(ours_runs, reference_runs)]
+    return {"ours": _median_run(ours_runs, rate), "reference": _median_run(reference_runs, rate),
+            "speedup": statistics.median(ratios), "speedups": ratios}
+
+
+def _median_run(runs: list[dict[str, Any]], rate: Callable[[dict[str, Any]], float]
+                ) -> dict[str, Any]:
+    return sorted(runs, key=rate)[len(runs) // 2]
+
+
 # --- the benchmark -------------------------------------------------------------------------
 
 def run_benchmark(out_dir: Path, methods: list[str], shapes: list[str], steps: int,
                   warmup: int, precision: str, sections: list[str], model: str = MODEL,
                   curve_steps: int = 100, grid_runs: int = 2, grid_steps: int = 200,
                   runs_per_gpu: tuple[int, ...] = (1, 2, 4, 8), keep: bool = False,
-                  log: Any = print) -> dict[str, Any]:
+                  repeats: int = 1, log: Any = print) -> dict[str, Any]:
     import torch
 
     unknown = sorted(set(sections) - set(SECTIONS))
@@ -534,11 +568,9 @@ def run_benchmark(out_dir: Path, methods: list[str], shapes: list[str], steps: i
             for method in methods:
                 kw = dict(method=method, shape=shape, batch_size=8, steps=steps, warmup=warmup,
                           precision=precision, **m)
-                ours, ref = subprocess_measure("ours", **kw), subprocess_measure("reference", **kw)
-                row = {"ours": ours, "reference": ref}
-                if "error" not in ours and "error" not in ref:
-                    row["speedup"] = ours["examples_per_s"] / ref["examples_per_s"]
-                    row["mfu"] = ours["mfu"]
+                row = paired("ours", "reference", kw, repeats, lambda r: r["examples_per_s"])
+                if "speedup" in row:
+                    row["mfu"] = row["ours"]["mfu"]
                 table[f"{shape}/{method}"] = row
                 save("train", table)
     if "mfu" in sections:
@@ -619,11 +651,8 @@ def run_benchmark(out_dir: Path, methods: list[str], shapes: list[str], steps: i
         table = dict(results.get("cell", {}))
         for shape in shapes:
             kw = dict(shape=shape, method="lora", precision=precision, **m)
-            ours = subprocess_measure("cell-ours", **kw)
-            ref = subprocess_measure("cell-reference", **kw)
-            table[shape] = {"ours": ours, "reference": ref}
-            if "error" not in ours and "error" not in ref:
-                table[shape]["speedup"] = ref["seconds"] / ours["seconds"]
+            table[shape] = paired("cell-ours", "cell-reference", kw, repeats,
+                                  lambda r: 1 / r["seconds"])
             save("cell", table)
     if "grid" in sections:
         if not cuda:
@@ -694,7 +723,7 @@ def markdown(r: dict) -> str:
             mfu = 100 * row["mfu"] if row.get("mfu") is not None else None
             mfu_fmt = ".1f" if mfu is None or mfu >= 1 else ".2g"  # a GPU's are tiny
             lines.append(_row([key, f"{o['examples_per_s']:.2f}", f"{f['examples_per_s']:.2f}",
-                               f"{row['speedup']:.2f}x", f"{o['tokens_per_s']:.0f}",
+                               _speedup(row), f"{o['tokens_per_s']:.0f}",
                                f"{_f(mfu, mfu_fmt)}%", f"{o['peak_memory_mb']:.0f}",
                                f"{f['peak_memory_mb']:.0f}"], len(columns)))
         lines.append("")
@@ -797,7 +826,7 @@ def markdown(r: dict) -> str:
                 lines.append(_row([shape, o.get("error", ""), f.get("error", "")], len(columns)))
                 continue
             lines.append(_row([shape, f"{o['seconds']:.1f}", f"{f['seconds']:.1f}",
-                               f"{row['speedup']:.2f}x", _metrics(o["test_metrics"]),
+                               _speedup(row), _metrics(o["test_metrics"]),
                                _metrics(f["test_metrics"])], len(columns)))
         lines.append("")
     if "grid" in r:
@@ -811,6 +840,14 @@ def markdown(r: dict) -> str:
             lines.append(_row(cells, len(columns)))
         lines.append("")
     return "\n".join(lines)
+
+
+def _speedup(row: dict) -> str:
+    """The median ratio; with several back-to-back pairs, their range and count."""
+    ratios = row.get("speedups", [row["speedup"]])
+    if len(ratios) == 1:
+        return f"{row['speedup']:.2f}x"
+    return f"{row['speedup']:.2f}x ({min(ratios):.2f}-{max(ratios):.2f}x, {len(ratios)} pairs)"
 
 
 def _table(title: str, columns: list[str]) -> list[str]:

@@ -142,6 +142,9 @@ def bench_cmd(
     runs_per_gpu: Annotated[str, typer.Option(help="grid: N values, comma-separated")] = "1,2,4,8",
     keep: Annotated[bool, typer.Option(
         help="keep the other sections already in OUT/bench.json (same machine and settings)")] = False,
+    repeats: Annotated[int, typer.Option(
+        min=1, help="train and cell: measure peftlab and the reference this many times, back to "
+        "back, alternating which goes first; report the median ratio and its range")] = 1,
 ) -> None:
     """Measure speed against the Seq2SeqTrainer + peft pipeline, in one run, side by side."""
     from peftlab.bench import SECTIONS, SHAPES, run_benchmark
@@ -163,8 +166,8 @@ def bench_cmd(
     _guarded(lambda: run_benchmark(
         out, methods.split(","), shapes.split(","), steps, warmup, precision, sections.split(","),
         model=model, curve_steps=curve_steps, grid_runs=grid_runs, grid_steps=grid_steps,
-        runs_per_gpu=n_values,
-        keep=keep, log=lambda m: console.print(m, soft_wrap=True, highlight=False)))
+        runs_per_gpu=n_values, keep=keep, repeats=repeats,
+        log=lambda m: console.print(m, soft_wrap=True, highlight=False)))
     console.print(f"results: {out / 'bench.md'}", soft_wrap=True)
 
 
