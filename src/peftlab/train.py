@@ -24,6 +24,7 @@ from peftlab.checkpoint import Checkpoint, rng_state, set_rng_state
 from peftlab.config import RunConfig
 from peftlab.data import Features, training_batches
 from peftlab.denormals import flushed_denormals
+from peftlab.dropout import rand_mask_dropout
 from peftlab.methods import Method
 
 
@@ -120,72 +121,73 @@ def train(
         return out
 
     model.train()
-    batches = training_batches(features, cfg.batch_size, cfg.seed, pad_id,
-                               skip=(first_step - 1) * cfg.grad_accum_steps,
-                               group_by_length=cfg.group_by_length)
-    window_loss, window_examples, window_start = 0.0, 0, time.perf_counter()
-    bar = tqdm(total=cfg.max_steps, initial=first_step - 1, desc="train", leave=False,
-               disable=not progress or None)
-    for step in range(first_step, cfg.max_steps + 1):
-        # --- one optimizer step over grad_accum_steps micro-batches
-        step_loss = 0.0
-        for _ in range(cfg.grad_accum_steps):
-            batch = {k: v.to(device) for k, v in next(batches).items()}
-            with autocast(device, bf16):
-                loss = model(**batch).loss / cfg.grad_accum_steps
-            loss.backward()
-            step_loss += loss.item()
-            window_examples += batch["input_ids"].shape[0]
-        if not math.isfinite(step_loss):
-            out.status, out.steps_done = "diverged", step
-            log_row({"step": step, "train_loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                     "elapsed_s": time.perf_counter() - start, "examples_per_s": None})
-            break
-        if cfg.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        method.on_step(model, step)
-        out.steps_done = step
-        window_loss += step_loss
-        bar.update(1)
+    with rand_mask_dropout(model, enabled=device.type == "cpu"):  # see peftlab.dropout
+        batches = training_batches(features, cfg.batch_size, cfg.seed, pad_id,
+                                   skip=(first_step - 1) * cfg.grad_accum_steps,
+                                   group_by_length=cfg.group_by_length)
+        window_loss, window_examples, window_start = 0.0, 0, time.perf_counter()
+        bar = tqdm(total=cfg.max_steps, initial=first_step - 1, desc="train", leave=False,
+                   disable=not progress or None)
+        for step in range(first_step, cfg.max_steps + 1):
+            # --- one optimizer step over grad_accum_steps micro-batches
+            step_loss = 0.0
+            for _ in range(cfg.grad_accum_steps):
+                batch = {k: v.to(device) for k, v in next(batches).items()}
+                with autocast(device, bf16):
+                    loss = model(**batch).loss / cfg.grad_accum_steps
+                loss.backward()
+                step_loss += loss.item()
+                window_examples += batch["input_ids"].shape[0]
+            if not math.isfinite(step_loss):
+                out.status, out.steps_done = "diverged", step
+                log_row({"step": step, "train_loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                         "elapsed_s": time.perf_counter() - start, "examples_per_s": None})
+                break
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            method.on_step(model, step)
+            out.steps_done = step
+            window_loss += step_loss
+            bar.update(1)
 
-        # --- log and evaluate; one metrics row per step that has either
-        row: dict[str, Any] = {}
-        if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps:
-            steps_in_window = step - (out.history[-1]["step"] if out.history else first_step - 1)
-            now = time.perf_counter()
-            row = {"step": step, "train_loss": window_loss / max(steps_in_window, 1), "lr": lr,
-                   "elapsed_s": now - start,
-                   "examples_per_s": window_examples / max(now - window_start, 1e-9)}
-            window_loss, window_examples = 0.0, 0
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            val = evaluate_val()
-            row.update({f"val_{k}": v for k, v in val.items()})
-            row["elapsed_s"] = time.perf_counter() - start
-            if is_better(val[metric], out.best_val.get(metric), higher_is_better):
-                out.best_step, out.best_val, out.best_state = step, val, snapshot()
-                evals_without_gain = 0
-            else:
-                evals_without_gain += 1
-        if row:
-            log_row(row)
-            out.history.append(row)
-            window_start = time.perf_counter()
-        if save is not None and step % cfg.eval_every == 0 and step < cfg.max_steps:
-            # --- checkpoint after each evaluation (the final step needs none: the run ends)
-            save(Checkpoint(
-                step, {n: p.detach().cpu() for n, p in named}, optimizer.state_dict(),
-                out.best_state, rng_state(),
-                {"scheduler": scheduler.state_dict(), "best_step": out.best_step,
-                 "best_val": out.best_val, "evals_without_gain": evals_without_gain,
-                 "elapsed_s": time.perf_counter() - start},
-            ))
-        if cfg.early_stopping_patience and evals_without_gain >= cfg.early_stopping_patience:
-            out.stopped_early = True
-            break
-    bar.close()
+            # --- log and evaluate; one metrics row per step that has either
+            row: dict[str, Any] = {}
+            if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps:
+                steps_in_window = step - (out.history[-1]["step"] if out.history else first_step - 1)
+                now = time.perf_counter()
+                row = {"step": step, "train_loss": window_loss / max(steps_in_window, 1), "lr": lr,
+                       "elapsed_s": now - start,
+                       "examples_per_s": window_examples / max(now - window_start, 1e-9)}
+                window_loss, window_examples = 0.0, 0
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                val = evaluate_val()
+                row.update({f"val_{k}": v for k, v in val.items()})
+                row["elapsed_s"] = time.perf_counter() - start
+                if is_better(val[metric], out.best_val.get(metric), higher_is_better):
+                    out.best_step, out.best_val, out.best_state = step, val, snapshot()
+                    evals_without_gain = 0
+                else:
+                    evals_without_gain += 1
+            if row:
+                log_row(row)
+                out.history.append(row)
+                window_start = time.perf_counter()
+            if save is not None and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                # --- checkpoint after each evaluation (the final step needs none: the run ends)
+                save(Checkpoint(
+                    step, {n: p.detach().cpu() for n, p in named}, optimizer.state_dict(),
+                    out.best_state, rng_state(),
+                    {"scheduler": scheduler.state_dict(), "best_step": out.best_step,
+                     "best_val": out.best_val, "evals_without_gain": evals_without_gain,
+                     "elapsed_s": time.perf_counter() - start},
+                ))
+            if cfg.early_stopping_patience and evals_without_gain >= cfg.early_stopping_patience:
+                out.stopped_early = True
+                break
+        bar.close()
     model.eval()
     return out
