@@ -12,3 +12,4 @@ bench --sections matmul,train --shapes sst2
 bench --keep --sections grid,cell --shapes sst2
 bench --keep --sections train --shapes samsum
 bench --keep --sections eval --shapes sst2,samsum
+bench --keep --sections cell --shapes samsum  # not measured yet anywhere (too slow on the CPU)

@@ -172,6 +172,8 @@ def test_repeats_measure_back_to_back_pairs_in_alternating_order(tmp_path, monke
     assert row["speedup"] == pytest.approx(3.5)
     assert row["ours"]["examples_per_s"] == pytest.approx(30 / 5)  # the median ours run
     assert row["mfu"] == row["ours"]["mfu"]
+    assert [run["examples_per_s"] for run in row["runs"]["reference"]] == pytest.approx(
+        [10 / 3, 10 / 4, 10 / 7])
     cell = r["cell"]["sst2"]
     assert cell["speedups"] == pytest.approx([2 * 9 / 8, 2 * 10 / 11, 2 * 13 / 12])
     assert cell["speedup"] == pytest.approx(2 * 13 / 12)

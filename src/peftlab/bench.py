@@ -502,7 +502,7 @@ def paired(ours_kind: str, reference_kind: str, kwargs: dict[str, Any], repeats:
     figures come from, the reference's own rate moved by up to 45% between runs of the same
     command), so one pair's ratio can be off by as much. Each ratio is taken from one
     back-to-back pair, and the median of the pairs' ratios is reported with all of them;
-    `ours` and `reference` are the runs with the median rate.
+    `ours` and `reference` are the runs with the median rate; `runs` holds every run.
     """
     ours_runs, reference_runs = [], []
     for i in range(repeats):
@@ -517,7 +517,8 @@ def paired(ours_kind: str, reference_kind: str, kwargs: dict[str, Any], repeats:
                                   reference_runs[0])}
     ratios = [rate(o) / rate(f) for o, f in zip(ours_runs, reference_runs)]
     return {"ours": _median_run(ours_runs, rate), "reference": _median_run(reference_runs, rate),
-            "speedup": statistics.median(ratios), "speedups": ratios}
+            "speedup": statistics.median(ratios), "speedups": ratios,
+            "runs": {"ours": ours_runs, "reference": reference_runs}}
 
 
 def _median_run(runs: list[dict[str, Any]], rate: Callable[[dict[str, Any]], float]
@@ -680,9 +681,9 @@ def _compare_curves(a: dict, b: dict, name_a: str, name_b: str) -> dict[str, Any
 
 
 def _short(value: Any) -> Any:
-    """The log line of a section: numbers rounded, curves left out."""
+    """The log line of a section: numbers rounded, curves and repeated runs left out."""
     if isinstance(value, dict):
-        return {k: _short(v) for k, v in value.items() if k not in ("losses", "steps")}
+        return {k: _short(v) for k, v in value.items() if k not in ("losses", "steps", "runs")}
     if isinstance(value, float):
         return round(value, 3)
     return value
