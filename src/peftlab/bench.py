@@ -510,8 +510,7 @@ def paired(ours_kind: str, reference_kind: str, kwargs: dict[str, Any], repeats:
         for kind in (ours_kind, reference_kind) if first_ours else (reference_kind, ours_kind):
             (ours_runs if kind == ours_kind else reference_runs).append(
                 subprocess_measure(kind, **kwargs))
-    failed = [r for r in ours_runs + reference_runs if "error" in r]
-    if failed:
+    if any("error" in r for r in ours_runs + reference_runs):
         return {"ours": next((r for r in ours_runs if "error" in r), ours_runs[0]),
                 "reference": next((r for r in reference_runs if "error" in r),
                                   reference_runs[0])}
