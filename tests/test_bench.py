@@ -198,3 +198,36 @@ def test_a_failed_repeat_reports_the_error_and_no_ratio(tmp_path, monkeypatch):
     assert r["cell"]["sst2"]["reference"] == {"error": "killed"}
     assert "speedup" not in r["cell"]["sst2"]
     assert "| sst2 |  | killed |" in (tmp_path / "bench.md").read_text()
+
+
+def test_grid_on_cpu_runs_up_to_one_worker_per_cpu_and_says_so(tmp_path, monkeypatch):
+    import os
+
+    import peftlab.bench as bench
+
+    calls = []
+
+    def fake_measure(kind, **kw):
+        calls.append(kw["runs_per_gpu"])
+        return {"runs": kw["n_runs"], "max_steps": kw["max_steps"], "seconds": 10.0,
+                "runs_per_hour": 360.0 * kw["n_runs"], "device": "cpu"}
+
+    monkeypatch.setattr(bench, "subprocess_measure", fake_measure)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    run_benchmark(tmp_path, ["lora"], ["sst2"], 2, 1, "fp32", ["grid"], model="t5-tiny",
+                  runs_per_gpu=(1, 2, 4, 8), log=lambda m: None)
+    assert calls == [1, 2]
+    text = (tmp_path / "bench.md").read_text()
+    assert "## Grid throughput on this CPU (`peftlab study --workers N`" in text
+    assert "| 2 | 4 | 200 | 10.0 | 1440 |" in text
+
+
+def test_grid_measures_runs_through_the_study_runner_on_cpu():
+    import os
+
+    from peftlab.bench import measure_grid
+
+    r = measure_grid(runs_per_gpu=2, n_runs=2, model="t5-tiny", max_steps=2)
+    assert r["statuses"] == {"completed": 2}
+    assert r["device"] == "cpu" and r["threads_per_run"] == max(1, (os.cpu_count() or 1) // 2)
+    assert r["runs_per_hour"] == pytest.approx(3600 * 2 / r["seconds"])

@@ -20,7 +20,9 @@ Sections:
              generation throughput
   cell       one ablation cell end to end (200 steps, evaluation every 50 on 200 validation
              examples, the full test split): peftlab vs the reference pipeline, wall time
-  grid       GPU only: runs per hour with N runs sharing one GPU (`--runs-per-gpu N`)
+  grid       runs per hour with N runs at once through the study runner: sharing one GPU
+             (`--runs-per-gpu N`), or on CPU N worker processes splitting the cores
+             (`peftlab study --workers N`; N up to the number of CPUs)
 """
 
 from __future__ import annotations
@@ -437,7 +439,10 @@ def measure_cell_reference(shape: str, method: str, precision: str, model: str =
 
 def measure_grid(runs_per_gpu: int, n_runs: int, model: str = MODEL,
                  max_steps: int = CELL["max_steps"]) -> dict[str, Any]:
-    """`n_runs` SST-2 LoRA cells through the study runner with `runs_per_gpu` workers."""
+    """`n_runs` SST-2 LoRA cells through the study runner with `runs_per_gpu` workers (on
+    CPU, each worker gets the CPUs divided by the number of workers)."""
+    import torch
+
     from peftlab.config import resolve_run_config
     from peftlab.study import Cell, execute
 
@@ -449,8 +454,11 @@ def measure_grid(runs_per_gpu: int, n_runs: int, model: str = MODEL,
     start = time.perf_counter()
     counts = execute(cells, workers=runs_per_gpu, runs_per_gpu=runs_per_gpu, progress=False)
     seconds = time.perf_counter() - start
+    cuda = torch.cuda.is_available()
     return {"runs": n_runs, "max_steps": max_steps, "seconds": seconds,
-            "runs_per_hour": 3600 * n_runs / seconds, "statuses": counts}
+            "runs_per_hour": 3600 * n_runs / seconds, "statuses": counts,
+            "device": "cuda" if cuda else "cpu",
+            "threads_per_run": None if cuda else max(1, (os.cpu_count() or 1) // runs_per_gpu)}
 
 
 def measure_matmul(size: int | None = None, repeats: int = 10) -> dict[str, float]:
@@ -655,14 +663,12 @@ def run_benchmark(out_dir: Path, methods: list[str], shapes: list[str], steps: i
                                   lambda r: 1 / r["seconds"])
             save("cell", table)
     if "grid" in sections:
-        if not cuda:
-            log("grid: skipped (no GPU: --runs-per-gpu places runs on GPUs)")
-        else:
-            table = dict(results.get("grid", {}))
-            for n in runs_per_gpu:
-                table[str(n)] = subprocess_measure("grid", runs_per_gpu=n, n_runs=grid_runs * n,
-                                                   max_steps=grid_steps, **m)
-                save("grid", table)
+        table = dict(results.get("grid", {}))
+        # on CPU the workers split the cores: more workers than CPUs would only oversubscribe
+        for n in runs_per_gpu if cuda else [n for n in runs_per_gpu if n <= (os.cpu_count() or 1)]:
+            table[str(n)] = subprocess_measure("grid", runs_per_gpu=n, n_runs=grid_runs * n,
+                                               max_steps=grid_steps, **m)
+            save("grid", table)
     _save(out_dir, results)
     return results
 
@@ -831,8 +837,11 @@ def markdown(r: dict) -> str:
         lines.append("")
     if "grid" in r:
         columns = ["N", "runs", "steps per run", "seconds", "runs/hour"]
-        lines += _table("## Grid throughput on one GPU (`--runs-per-gpu N`, SST-2 LoRA cells)",
-                        columns)
+        title = ("## Grid throughput on one GPU (`--runs-per-gpu N`, SST-2 LoRA cells)"
+                 if all(row.get("device", "cuda") == "cuda" for row in r["grid"].values()) else
+                 "## Grid throughput on this CPU (`peftlab study --workers N`: N runs at once, "
+                 "the CPUs split between them; SST-2 LoRA cells)")
+        lines += _table(title, columns)
         for n, row in sorted(r["grid"].items(), key=lambda kv: int(kv[0])):
             cells = ([n, f"error: {row['error']}"] if "error" in row else
                      [n, str(row.get("runs", "")), str(row.get("max_steps", "")),

@@ -139,7 +139,9 @@ def bench_cmd(
     curve_steps: Annotated[int, typer.Option(min=10, help="steps of the precision and batching runs")] = 100,
     grid_runs: Annotated[int, typer.Option(min=1, help="grid: runs per worker")] = 2,
     grid_steps: Annotated[int, typer.Option(min=4, help="grid: training steps per run")] = 200,
-    runs_per_gpu: Annotated[str, typer.Option(help="grid: N values, comma-separated")] = "1,2,4,8",
+    runs_per_gpu: Annotated[str, typer.Option(
+        help="grid: N values, comma-separated (runs sharing one GPU; on CPU, worker processes "
+        "splitting the cores, up to the number of CPUs)")] = "1,2,4,8",
     keep: Annotated[bool, typer.Option(
         help="keep the other sections already in OUT/bench.json (same machine and settings)")] = False,
     repeats: Annotated[int, typer.Option(
