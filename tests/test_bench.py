@@ -218,7 +218,7 @@ def test_grid_on_cpu_runs_up_to_one_worker_per_cpu_and_says_so(tmp_path, monkeyp
                   runs_per_gpu=(1, 2, 4, 8), log=lambda m: None)
     assert calls == [1, 2]
     text = (tmp_path / "bench.md").read_text()
-    assert "## Grid throughput on this CPU (`peftlab study --workers N`" in text
+    assert "## Grid throughput on this CPU (`peftlab run STUDY --workers N`" in text
     assert "| 2 | 4 | 200 | 10.0 | 1440 |" in text
 
 

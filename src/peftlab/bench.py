@@ -22,7 +22,7 @@ Sections:
              examples, the full test split): peftlab vs the reference pipeline, wall time
   grid       runs per hour with N runs at once through the study runner: sharing one GPU
              (`--runs-per-gpu N`), or on CPU N worker processes splitting the cores
-             (`peftlab study --workers N`; N up to the number of CPUs)
+             (`peftlab run STUDY --workers N`; N up to the number of CPUs)
 """
 
 from __future__ import annotations
@@ -688,7 +688,8 @@ def _compare_curves(a: dict, b: dict, name_a: str, name_b: str) -> dict[str, Any
 def _short(value: Any) -> Any:
     """The log line of a section: numbers rounded, curves and repeated runs left out."""
     if isinstance(value, dict):
-        return {k: _short(v) for k, v in value.items() if k not in ("losses", "steps", "runs")}
+        return {k: _short(v) for k, v in value.items() if k not in ("losses", "steps")
+                and not (k == "runs" and isinstance(v, dict))}
     if isinstance(value, float):
         return round(value, 3)
     return value
@@ -839,7 +840,7 @@ def markdown(r: dict) -> str:
         columns = ["N", "runs", "steps per run", "seconds", "runs/hour"]
         title = ("## Grid throughput on one GPU (`--runs-per-gpu N`, SST-2 LoRA cells)"
                  if all(row.get("device", "cuda") == "cuda" for row in r["grid"].values()) else
-                 "## Grid throughput on this CPU (`peftlab study --workers N`: N runs at once, "
+                 "## Grid throughput on this CPU (`peftlab run STUDY --workers N`: N runs at once, "
                  "the CPUs split between them; SST-2 LoRA cells)")
         lines += _table(title, columns)
         for n, row in sorted(r["grid"].items(), key=lambda kv: int(kv[0])):
