@@ -441,10 +441,8 @@ def measure_grid(runs_per_gpu: int, n_runs: int, model: str = MODEL,
                  max_steps: int = CELL["max_steps"]) -> dict[str, Any]:
     """`n_runs` SST-2 LoRA cells through the study runner with `runs_per_gpu` workers (on
     CPU, each worker gets the CPUs divided by the number of workers)."""
-    import torch
-
     from peftlab.config import resolve_run_config
-    from peftlab.study import Cell, execute
+    from peftlab.study import Cell, execute, gpu_count, threads_per_worker
 
     root = Path(tempfile.mkdtemp())
     cells = [Cell(f"seed{i}", resolve_run_config({
@@ -454,11 +452,11 @@ def measure_grid(runs_per_gpu: int, n_runs: int, model: str = MODEL,
     start = time.perf_counter()
     counts = execute(cells, workers=runs_per_gpu, runs_per_gpu=runs_per_gpu, progress=False)
     seconds = time.perf_counter() - start
-    cuda = torch.cuda.is_available()
+    cuda = gpu_count() > 0
     return {"runs": n_runs, "max_steps": max_steps, "seconds": seconds,
             "runs_per_hour": 3600 * n_runs / seconds, "statuses": counts,
             "device": "cuda" if cuda else "cpu",
-            "threads_per_run": None if cuda else max(1, (os.cpu_count() or 1) // runs_per_gpu)}
+            "threads_per_run": None if cuda else threads_per_worker(runs_per_gpu)}
 
 
 def measure_matmul(size: int | None = None, repeats: int = 10) -> dict[str, float]:

@@ -283,6 +283,11 @@ def _worker_run(config: dict[str, Any], labels: dict[str, Any]) -> str:
     return run_cell(config, labels, threads=_WORKER.get("threads"))
 
 
+def threads_per_worker(workers: int) -> int:
+    """CPU threads each of `workers` parallel runs gets: the CPUs split between them."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def gpu_count() -> int:
     import torch
 
@@ -320,7 +325,7 @@ def execute(cells: list[Cell], workers: int = 1, backend: Literal["local", "ray"
             queue = ctx.Manager().Queue()
             for i in range(workers):
                 queue.put(i % gpus)  # runs_per_gpu workers per GPU
-        threads = max(1, (os.cpu_count() or 1) // workers)
+        threads = threads_per_worker(workers)
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                  initargs=(queue, threads)) as pool:
             futures = [pool.submit(_worker_run, config, labels) for config, labels in jobs]
