@@ -6,7 +6,13 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-from peftlab.bench import markdown, model_flops, run_benchmark
+from peftlab.bench import (
+    markdown,
+    measure_cell_ours,
+    measure_cell_reference,
+    model_flops,
+    run_benchmark,
+)
 from peftlab.cli import app
 
 runner = CliRunner()
@@ -67,9 +73,13 @@ def test_markdown_reports_every_section():
                            "reference_short": {"examples_per_s": 20.0},
                            "rank_vs_own_generation": 1.11, "rank_vs_reference": 6.25,
                            "rank_vs_reference_short": 5.0, "rank_fp32_vs_reference": 2.5}},
-         "cell": {"sst2": {"ours": {"seconds": 10.0, "test_metrics": {"accuracy": 50.0}},
+         "cell": {"sst2": {"ours": {"seconds": 10.0, "test_metrics": {"accuracy": 50.0},
+                                    "phases": {"setup": 1.0, "training": 6.0, "validation": 1.5,
+                                               "test": 1.25}},
                            "reference": {"seconds": 25.0, "test_metrics": {"test_accuracy": 0.5,
-                                                                           "test_runtime": 3.0}},
+                                                                           "test_runtime": 3.0},
+                                         "phases": {"setup": 2.0, "training": 12.0,
+                                                    "validation": 6.0, "test": 5.0}},
                            "speedup": 2.5}},
          "grid": {"8": {"runs": 16, "max_steps": 50, "seconds": 80.0, "runs_per_hour": 720.0},
                   "1": {"runs": 2, "max_steps": 50, "seconds": 70.0, "runs_per_hour": 103.0}}}
@@ -87,6 +97,8 @@ def test_markdown_reports_every_section():
     assert "the test split's work) 70.0 ex/s (fp32: –)" in text
     assert "rank classification 6.2x faster (fp32: 2.5x)" in text
     assert "| sst2 | 10.0 | 25.0 | 2.50x | accuracy 50.000 | accuracy 0.500 |" in text
+    assert ("cell's seconds went (the runs above): peftlab setup 1.0, training 6.0, validation 1.5, "
+            "test 1.2; reference setup 2.0, training 12.0, validation 6.0, test 5.0.") in text
     assert text.index("| 1 | 2 | 50 |") < text.index("| 8 | 16 | 50 |")  # N in order
 
 
@@ -198,6 +210,20 @@ def test_a_failed_repeat_reports_the_error_and_no_ratio(tmp_path, monkeypatch):
     assert r["cell"]["sst2"]["reference"] == {"error": "killed"}
     assert "speedup" not in r["cell"]["sst2"]
     assert "| sst2 |  | killed |" in (tmp_path / "bench.md").read_text()
+
+
+def test_a_small_cell_reports_where_each_pipelines_seconds_went():
+    """Both sides of the cell, run for real on t5-tiny: the phases add up to the wall time
+    and the reference's evaluations are the ones its Trainer ran."""
+    cell = {"max_steps": 4, "eval_every": 2, "val_size": 8, "test_size": 16}
+    for measure in (measure_cell_ours, measure_cell_reference):
+        r = measure("sst2", "lora", "fp32", model="t5-tiny", cell=cell)
+        phases = r["phases"]
+        assert set(phases) == {"setup", "training", "validation", "test"}, measure
+        assert min(phases.values()) > 0 and sum(phases.values()) <= r["seconds"]
+        assert sum(phases.values()) > 0.8 * r["seconds"]  # the phases cover the run
+        assert r["test_examples"] == 16
+    assert r["evaluations"] == 2  # steps 2 and 4; the reference has no step-0 evaluation
 
 
 def test_grid_on_cpu_runs_up_to_one_worker_per_cpu_and_says_so(tmp_path, monkeypatch):

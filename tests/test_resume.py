@@ -12,7 +12,7 @@ import pytest
 from peftlab.files import read_jsonl
 from tests.conftest import tiny_run_sets
 
-TIMING = ("elapsed_s", "examples_per_s")
+TIMING = ("elapsed_s", "examples_per_s", "eval_s")
 
 
 def command(tmp_path, name, **overrides):
@@ -88,6 +88,11 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, straight,
     for key in ("best_step", "val_metrics", "test_metrics", "steps_done", "status"):
         assert resumed[key] == expected[key], key
     assert rows(killed) == rows(reference)  # no duplicated or missing steps
+    # the evaluations and steps done before the kill still count in the phases
+    killed_rows = read_jsonl(killed / "metrics.jsonl")
+    assert resumed["time_s"]["validation"] == pytest.approx(sum(r["eval_s"] for r in killed_rows))
+    assert resumed["time_s"]["training"] == pytest.approx(
+        killed_rows[-1]["elapsed_s"] - resumed["time_s"]["validation"])
     assert not (killed / "checkpoints").exists()
 
 

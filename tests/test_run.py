@@ -38,6 +38,14 @@ def test_a_run_leaves_a_complete_record(tmp_path):
     assert [r["step"] for r in rows] == [0, 2, 4]
     assert rows[0]["train_loss"] is None and "val_accuracy" in rows[0]
     assert all(r["train_loss"] is not None and "val_loss" in r for r in rows[1:])
+    # where the wall time went: each evaluation's seconds in its row, the phases in the summary
+    phases = s["time_s"]
+    assert set(phases) == {"setup", "training", "validation", "test"}
+    assert min(phases.values()) > 0 and sum(phases.values()) <= s["wall_time_s"]
+    assert all(r["eval_s"] > 0 for r in rows)
+    assert phases["validation"] == pytest.approx(sum(r["eval_s"] for r in rows))
+    assert phases["training"] == pytest.approx(rows[-1]["elapsed_s"] - phases["validation"])
+    assert f"training {phases['training']:.1f} s" in result.output
     preds = read_jsonl(run_dir / "predictions" / "test.jsonl")
     assert len(preds) == 24 and set(preds[0]) >= {"id", "reference", "prediction", "score"}
     assert (run_dir / "adapter.safetensors").stat().st_size > 9216 * 4
@@ -47,7 +55,7 @@ def test_a_run_leaves_a_complete_record(tmp_path):
 
 def _timeless(run_dir):
     """metrics.jsonl rows without the wall-clock columns."""
-    timing = ("elapsed_s", "examples_per_s")
+    timing = ("elapsed_s", "examples_per_s", "eval_s")
     return [{k: v for k, v in r.items() if k not in timing} for r in read_jsonl(run_dir / "metrics.jsonl")]
 
 
@@ -91,7 +99,9 @@ def test_references_need_no_training(tmp_path, method, task, metric):
     assert result.exit_code == 0, result.output
     s = summary(run_dir)
     assert s["best_step"] == 0 and s["trainable_params"] == 0
-    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [0]
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0]
+    assert s["time_s"]["training"] == 0 and s["time_s"]["validation"] == rows[0]["eval_s"] > 0
     if method == "majority":  # the training sample's majority class is positive
         preds = read_jsonl(run_dir / "predictions" / "test.jsonl")
         assert {r["prediction"] for r in preds} == {"positive"}

@@ -368,19 +368,21 @@ def measure_reference_eval(shape: str, n: int, batch_size: int, precision: str,
 CELL = {"max_steps": 200, "eval_every": 50, "val_size": 200, "test_size": "all"}
 
 
-def measure_cell_ours(shape: str, method: str, precision: str, model: str = MODEL
-                      ) -> dict[str, Any]:
-    """`peftlab train` of one ablation cell: step-0 evaluation included, checkpoints written."""
+def measure_cell_ours(shape: str, method: str, precision: str, model: str = MODEL,
+                      cell: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`peftlab train` of one ablation cell: step-0 evaluation included, checkpoints written.
+    `cell` replaces the cell's settings (tests run a smaller one)."""
     from peftlab.config import resolve_run_config
     from peftlab.run import run
 
     task, src, tgt = SHAPES[shape]
     start = time.perf_counter()
     cfg = resolve_run_config({"model": model, "task": task, "method": method, "seed": 0,
-                              "train_size": 1000, "precision": precision, **CELL,
+                              "train_size": 1000, "precision": precision, **(cell or CELL),
                               "output_dir": tempfile.mkdtemp()})
     summary = run(cfg, progress=False)
-    return {"seconds": time.perf_counter() - start, "test_metrics": summary["test_metrics"],
+    return {"seconds": time.perf_counter() - start, "phases": summary["time_s"],
+            "test_metrics": summary["test_metrics"],
             "test_examples": _count_lines(Path(cfg.output_dir) / "predictions" / "test.jsonl")}
 
 
@@ -388,17 +390,18 @@ def _count_lines(path: Path) -> int:
     return sum(1 for _ in path.open())
 
 
-def measure_cell_reference(shape: str, method: str, precision: str, model: str = MODEL
-                           ) -> dict[str, Any]:
+def measure_cell_reference(shape: str, method: str, precision: str, model: str = MODEL,
+                           cell: dict[str, Any] | None = None) -> dict[str, Any]:
     """The same cell as the HF examples would run it: Seq2SeqTrainer evaluating with
     `predict_with_generate` every 50 steps, keeping the best checkpoint by the validation
     metric (`load_best_model_at_end`), then `predict` on the test split."""
     import numpy as np
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer
 
+    cell = cell or CELL
     start = time.perf_counter()
     task, src, tgt = SHAPES[shape]
-    cfg, s, _ = _setup(method, shape, 8, 1000, model=model, **CELL)
+    cfg, s, _ = _setup(method, shape, 8, 1000, model=model, **cell)
     train_data = _reference_features(s, s.splits.train, src, tgt)
     val_data = _reference_features(s, s.splits.validation, src, tgt)
     test_data = _reference_features(s, s.splits.test, src, tgt)
@@ -418,10 +421,10 @@ def measure_cell_reference(shape: str, method: str, precision: str, model: str =
                                        for p, r in zip(texts, refs)]))}
 
     args = _reference_args(
-        s, cfg, precision, max_steps=CELL["max_steps"],
-        warmup_steps=math.ceil(cfg.warmup_ratio * CELL["max_steps"]),
-        logging_steps=cfg.log_every, eval_strategy="steps", eval_steps=CELL["eval_every"],
-        save_strategy="steps", save_steps=CELL["eval_every"], save_total_limit=2,
+        s, cfg, precision, max_steps=cell["max_steps"],
+        warmup_steps=math.ceil(cfg.warmup_ratio * cell["max_steps"]),
+        logging_steps=cfg.log_every, eval_strategy="steps", eval_steps=cell["eval_every"],
+        save_strategy="steps", save_steps=cell["eval_every"], save_total_limit=2,
         load_best_model_at_end=True, metric_for_best_model=metric, greater_is_better=True,
         per_device_eval_batch_size=cfg.eval_batch_size, predict_with_generate=True,
         generation_max_length=cfg.max_new_tokens + 1,
@@ -431,10 +434,28 @@ def measure_cell_reference(shape: str, method: str, precision: str, model: str =
     trainer = Seq2SeqTrainer(model=s.model, args=args, train_dataset=train_data,
                              eval_dataset=val_data, data_collator=collator,
                              compute_metrics=compute_metrics)
+    evaluations: list[float] = []  # the Trainer's loop calls self.evaluate: timed here
+    evaluate = trainer.evaluate
+
+    def timed_evaluate(*args: Any, **kwargs: Any) -> dict[str, float]:
+        began = time.perf_counter()
+        try:
+            return evaluate(*args, **kwargs)
+        finally:
+            evaluations.append(time.perf_counter() - began)
+
+    trainer.evaluate = timed_evaluate
+    began = time.perf_counter()
+    setup_s = began - start
     trainer.train()
+    training_s = time.perf_counter() - began - sum(evaluations)
+    began = time.perf_counter()
     test = trainer.predict(test_data)
+    test_s = time.perf_counter() - began
     return {"seconds": time.perf_counter() - start, "test_metrics": test.metrics,
-            "test_examples": len(test_data)}
+            "test_examples": len(test_data), "evaluations": len(evaluations),
+            "phases": {"setup": setup_s, "training": training_s, "validation": sum(evaluations),
+                       "test": test_s}}
 
 
 def measure_grid(runs_per_gpu: int, n_runs: int, model: str = MODEL,
@@ -834,6 +855,13 @@ def markdown(r: dict) -> str:
                                _speedup(row), _metrics(o["test_metrics"]),
                                _metrics(f["test_metrics"])], len(columns)))
         lines.append("")
+        for shape, row in r["cell"].items():
+            o, f = row["ours"], row["reference"]
+            if "phases" in o and "phases" in f:
+                lines += [f"Where the {shape} cell's seconds went (the runs above): peftlab "
+                          f"{_phases(o['phases'])}; reference {_phases(f['phases'])}. Validation "
+                          "includes peftlab's step-0 evaluation, which the reference does not run.",
+                          ""]
     if "grid" in r:
         columns = ["N", "runs", "steps per run", "seconds", "runs/hour"]
         title = ("## Grid throughput on one GPU (`--runs-per-gpu N`, SST-2 LoRA cells)"
@@ -856,6 +884,10 @@ def _speedup(row: dict) -> str:
     if len(ratios) == 1:
         return f"{row['speedup']:.2f}x"
     return f"{row['speedup']:.2f}x ({min(ratios):.2f}-{max(ratios):.2f}x, {len(ratios)} pairs)"
+
+
+def _phases(phases: dict[str, float]) -> str:
+    return ", ".join(f"{name} {seconds:.1f}" for name, seconds in phases.items())
 
 
 def _table(title: str, columns: list[str]) -> list[str]:

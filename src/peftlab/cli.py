@@ -58,6 +58,7 @@ def train_cmd(
         f"best step {summary['best_step']}, val {metric} {summary['val_metrics'].get(metric):.4g}, "
         f"test {json.dumps({k: round(v, 4) for k, v in summary['test_metrics'].items()})}"
     )
+    console.print("time: " + ", ".join(f"{phase} {s:.1f} s" for phase, s in summary["time_s"].items()))
     if summary["status"] != "completed":
         raise typer.Exit(1)
 

@@ -216,6 +216,7 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> dict[
     resume, rows = prepare_output(cfg, overwrite)
     write_yaml(out / "config.yaml", cfg.model_dump())
     counts = parameter_counts(s)
+    setup_s = time.perf_counter() - started
 
     def log_row(row: dict[str, Any]) -> None:
         rows.append(row)
@@ -226,10 +227,13 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> dict[
         "train_size": cfg.train_size, "seed": cfg.seed, "learning_rate": cfg.learning_rate,
         **counts, "data": s.splits.notes,
     }
-    if isinstance(s.method, Baseline) or not s.method.trains:
+    trains = not isinstance(s.method, Baseline) and s.method.trains
+    if not trains:
+        began = time.perf_counter()
         val = s.evaluate("validation", progress=progress)
         log_row({"step": 0, "train_loss": None, **{f"val_{k}": v for k, v in val.metrics.items()},
-                 "lr": None, "elapsed_s": time.perf_counter() - started, "examples_per_s": None})
+                 "lr": None, "elapsed_s": time.perf_counter() - started, "examples_per_s": None,
+                 "eval_s": time.perf_counter() - began})
         best_step, best_val, state, extra = 0, val.metrics, {}, {}
     else:
         val_features = s.features("validation")
@@ -250,10 +254,13 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> dict[
     if state:
         save_tensors(out / ADAPTER_FILE, state)
     # The test set is touched once, on the checkpoint chosen by validation.
+    began = time.perf_counter()
     test = s.evaluate("test", progress=progress)
+    test_s = time.perf_counter() - began
     write_jsonl(out / "predictions" / "test.jsonl", test.rows)
     summary.update({
         "test_metrics": test.metrics,
+        "time_s": phase_seconds(rows, setup_s, test_s, trained=trains),
         "wall_time_s": time.perf_counter() - started + (resume.meta["elapsed_s"] if resume else 0),
         "peak_memory_mb": peak_memory_mb(s.device),
         "device": str(s.device), "bf16": s.bf16,
@@ -263,6 +270,18 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> dict[
     write_json(out / "summary.json", summary)  # last: its presence marks a finished run
     remove_checkpoints(out)
     return summary
+
+
+def phase_seconds(rows: list[dict[str, Any]], setup_s: float, test_s: float, trained: bool
+                  ) -> dict[str, float]:
+    """Where a run's wall time went: setup (this process: data, tokenizer, model), training
+    (steps, checkpoints and logging), validation, test. Training and validation come from the
+    metrics rows, so a resumed run counts the steps and evaluations done before it resumed."""
+    validation = sum(r.get("eval_s") or 0.0 for r in rows)
+    # training rows' elapsed_s is counted from the start of the step-0 evaluation
+    training = max(r["elapsed_s"] for r in rows) - validation if trained and rows else 0.0
+    return {"setup": setup_s, "training": max(training, 0.0), "validation": validation,
+            "test": test_s}
 
 
 def load_run_dir(run_dir: str | Path) -> tuple[RunConfig, Path]:

@@ -96,14 +96,21 @@ def train(
     def snapshot() -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", copy=True) for k, v in method.export_state(model).items()}
 
+    def timed_val() -> tuple[dict[str, float], float]:
+        # each evaluation's seconds go in its row: what validation costs a run is then on record
+        began = time.perf_counter()
+        val = evaluate_val()
+        return val, time.perf_counter() - began
+
     if resume is None:
         # --- step 0: the untrained model is the first point of every curve
         start = time.perf_counter()
-        val = evaluate_val()
+        val, eval_s = timed_val()
         out = TrainOutcome("completed", 0, val, snapshot())
         log_row({"step": 0, "train_loss": None, **{f"val_{k}": v for k, v in val.items()},
                  "lr": scheduler.get_last_lr()[0] if scheduler else None,
-                 "elapsed_s": time.perf_counter() - start, "examples_per_s": None})
+                 "elapsed_s": time.perf_counter() - start, "examples_per_s": None,
+                 "eval_s": eval_s})
         first_step, evals_without_gain = 1, 0
     else:
         # --- continue exactly where the checkpoint left off: weights, optimizer, schedule, RNG
@@ -164,7 +171,7 @@ def train(
                        "examples_per_s": window_examples / max(now - window_start, 1e-9)}
                 window_loss, window_examples = 0.0, 0
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                val = evaluate_val()
+                val, row["eval_s"] = timed_val()
                 row.update({f"val_{k}": v for k, v in val.items()})
                 row["elapsed_s"] = time.perf_counter() - start
                 if is_better(val[metric], out.best_val.get(metric), higher_is_better):
