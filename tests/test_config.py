@@ -30,7 +30,7 @@ def test_defaults_resolve_fully():
     cfg = load_run_config(None, ["method=prefix", "task=samsum"])
     assert cfg.learning_rate == 5e-3
     assert cfg.method_args["num_prefix_tokens"] == 20
-    assert cfg.max_source_length == 512 and cfg.selection_metric == "rougeL"
+    assert cfg.max_source_length == 512 and cfg.selection_metric == "rougeLsum"
 
 
 def test_malformed_yaml_names_file_and_line(tmp_path):
@@ -111,3 +111,22 @@ def test_eval_of_a_folder_that_is_not_a_run(tmp_path):
 def test_debug_shows_the_traceback():
     result = runner.invoke(app, ["--debug", "train", "--set", "method=lroa"])
     assert result.exit_code != 0 and result.exception is not None
+
+
+def _custom_classification(tmp_path, words: dict[str, str]) -> list[str]:
+    for name, start in (("train", 0), ("test", 100)):
+        (tmp_path / f"{name}.csv").write_text("input,target\n" + "".join(
+            f"text {i},{'ab'[i % 2]}\n" for i in range(start, start + 20)))
+    return sets(tmp_path, task="custom", train_size=4, val_size=4, test_size=4, **{
+        "task_args.kind": "classification", "task_args.train": str(tmp_path / "train.csv"),
+        "task_args.test": str(tmp_path / "test.csv"),
+        **{f"task_args.label_words.{k}": v for k, v in words.items()}})
+
+
+def test_label_words_that_are_equal_are_refused_before_anything_is_written(tmp_path):
+    fails(["train", *_custom_classification(tmp_path, {"a": "good", "b": "Good"})],
+          "task_args.label_words", "'a' and 'b' have the same word")
+    # different strings, the same tokens (both unknown to the vocabulary): found at setup
+    fails(["train", *_custom_classification(tmp_path, {"a": "☃", "b": "☄"})],
+          "label words '☃' and '☄' are the same tokens")
+    assert not (tmp_path / "run").exists()

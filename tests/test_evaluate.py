@@ -83,8 +83,7 @@ def test_batching_does_not_change_predictions(tokenizer, sst2_val):
     assert a.metrics["accuracy"] == b.metrics["accuracy"]
 
 
-METHOD_CASES = [("lora", {}), ("prefix", {}), ("prompt", {}), ("prompt", {"decoder_prompt": True}),
-                ("ia3", {}), ("full", {})]
+METHOD_CASES = [("lora", {}), ("prefix", {}), ("prompt", {}), ("ia3", {}), ("full", {})]
 
 
 def perturbed_model(method: str, args: dict) -> torch.nn.Module:
@@ -203,3 +202,51 @@ def test_bf16_evaluation_runs_on_a_copy_close_to_fp32(tokenizer, sst2_val, metho
     assert bf16.metrics["loss"] == pytest.approx(fp32.metrics["loss"], rel=0.02)
     same = np.mean([a["prediction"] == b["prediction"] for a, b in zip(fp32.rows, bf16.rows)])
     assert same >= 0.9, same
+
+
+def test_a_label_that_is_a_token_prefix_of_another_can_lose(tokenizer, sst2_val):
+    """"good" is a token prefix of "good movie". Scored without its end-of-sequence token,
+    "good" always wins (the longer label only adds log-probabilities below zero); with it, a
+    model that says "good movie" picks "good movie"."""
+    from peftlab.evaluate import label_scores
+
+    _, _, feats = sst2_val
+    words = ["good", "good movie"]
+    cand = [tokenizer(w)["input_ids"] for w in words]
+    assert cand[1][: len(cand[0]) - 1] == cand[0][:-1]  # a token prefix, EOS aside
+    torch.manual_seed(0)
+    model = load_model("t5-tiny")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = collate(feats, list(range(16)), tokenizer.pad_token_id)
+    batch["labels"] = torch.tensor([cand[1]] * 16)  # every input: "good movie"
+    model.train()
+    for _ in range(40):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    for scoring in ("sum", "mean"):
+        s = settings(tokenizer)
+        s.label_scoring = scoring
+        ranked = rank_classify(model, feats, cand, s)
+        assert (ranked.scores.argmax(1) == 1).all(), scoring
+    # without EOS: the prefix label's score is never below the longer label's
+    from peftlab.evaluate import _candidate_logprobs, _encode
+
+    with torch.no_grad():
+        inputs = batch["input_ids"]
+        lp = _candidate_logprobs(model, _encode(model, inputs, s), pad(cand, IGNORE_INDEX), s)
+    lp = lp.view(16, 2, -1).double().numpy()
+    without_eos = [lp[:, 0, :1].sum(-1), lp[:, 1, :2].sum(-1)]
+    assert (without_eos[0] >= without_eos[1]).all()
+    with_eos = label_scores(lp, np.array([2.0, 3.0]), "sum")
+    assert (with_eos[:, 1] > with_eos[:, 0]).all()
+
+
+def test_label_scores_sum_and_mean():
+    from peftlab.evaluate import label_scores
+
+    lp = np.array([[[-1.0, -0.5, 0.0], [-0.2, -0.3, -0.4]]])  # a 2-token and a 3-token label
+    lengths = np.array([2.0, 3.0])
+    assert label_scores(lp, lengths, "sum").tolist() == [[-1.5, pytest.approx(-0.9)]]
+    assert label_scores(lp, lengths, "mean").tolist() == [[-0.75, pytest.approx(-0.3)]]

@@ -1,5 +1,7 @@
 """One matrix over every registered model method, on t5-tiny with real SST-2 batches."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -22,7 +24,7 @@ def expected_trainable(name: str, cfg, args) -> int:
         r = getattr(args, "r", 8)
         return attentions * 2 * r * (D + inner)
     if name == "prompt":
-        return args.num_virtual_tokens * D * (2 if args.decoder_prompt else 1)
+        return args.num_virtual_tokens * D
     if name == "prefix":
         return attentions * 2 * args.num_prefix_tokens * inner
     if name == "ia3":
@@ -106,14 +108,34 @@ def test_lora_at_step_zero_is_exactly_the_base_model(batch):
                            lora.generate(input_ids=ids, max_new_tokens=5))
 
 
-def test_prompt_tuning_prepends_to_the_encoder_only_by_default(batch):
+def test_prompt_tuning_prepends_to_the_encoder_only(batch):
     _, args, model = adapted("prompt", num_virtual_tokens=5)
     assert model.peft_config["default"].num_transformer_submodules == 1
     with torch.no_grad():
         out = model(**batch)
     assert out.logits.shape[1] == batch["labels"].shape[1]
-    _, args2, model2 = adapted("prompt", num_virtual_tokens=5, decoder_prompt=True)
-    assert sum(t.numel() for t in METHODS["prompt"].export_state(model2).values()) == 2 * 5 * 64
+    # peft's decoder half never reached the model: the option is gone, with the reason
+    with pytest.raises(ValueError, match="decoder_prompt` was removed.*zero gradient"):
+        METHODS["prompt"].Args.model_validate({"decoder_prompt": True})
+
+
+def test_prompt_vocab_init_draws_from_the_most_common_ordinary_tokens(tokenizer):
+    from peftlab.models import common_tokens
+
+    pool = common_tokens(tokenizer, 5000)
+    assert len(pool) == 5000 and not set(pool) & set(tokenizer.all_special_ids)
+    # T5's SentencePiece pieces are ordered by unigram log-probability: the top 5,000
+    # ordinary tokens are ids 3..5002 (no sentinel <extra_id_*>, no unused row >= 32100)
+    assert pool == list(range(3, 5003))
+    _, _, model = adapted("prompt", num_virtual_tokens=50, init="vocab")
+    prompt = model.prompt_encoder["default"].embedding.weight
+    table = model.get_input_embeddings().weight
+    rows = [int((table - row).abs().sum(1).argmin()) for row in prompt]
+    assert all(torch.equal(table[i], row) for i, row in zip(rows, prompt))
+    assert all(3 <= i < 5003 for i in rows)
+    _, _, small = adapted("prompt", num_virtual_tokens=50, init="vocab", vocab_top_k=10)
+    small_prompt = small.prompt_encoder["default"].embedding.weight
+    assert all(any(torch.equal(r, table[i]) for i in range(3, 13)) for r in small_prompt)
 
 
 def test_prompt_text_init_uses_the_text_embeddings(tokenizer):
@@ -166,3 +188,57 @@ def test_peft_method_checks_targets_and_names():
         METHODS["peft"].Args.model_validate({"peft_type": "LORRA"})
     with pytest.raises(ConfigError, match="method_args.config"):
         adapted("peft", peft_type="LOHA", config={"no_such_field": 1})
+
+
+GRADIENT_CASES = [(n, {}) for n in MODEL_METHODS if METHODS[n].trains] + [
+    ("prefix", {"reparameterize": False}),
+    ("prompt", {"init": "random"}),
+    ("peft", {"peft_type": "LOHA", "config": {"r": 4, "target_modules": ["q", "v"]}}),
+    ("peft", {"peft_type": "LORA", "config": {"r": 4, "use_dora": True, "target_modules": ["q"]}}),
+    ("peft", {"peft_type": "ADALORA", "config": {"init_r": 6, "target_r": 2,
+                                                 "target_modules": ["q", "v"]}}),
+    ("peft", {"peft_type": "VERA", "config": {"r": 16, "target_modules": ["q"]}}),
+]
+
+
+@pytest.mark.parametrize("name,args", GRADIENT_CASES, ids=lambda v: str(v) if v else "default")
+def test_everything_counted_receives_a_gradient_and_the_counts_are_what_trains(name, args, batch):
+    """What a method exports and counts must be what training changes: a parameter that never
+    gets a gradient (peft's decoder prompt rows did not) trains nothing and inflates the count."""
+    from peftlab.run import parameter_counts
+
+    method, parsed, model = adapted(name, **args)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(trained.values(), lr=1e-2)
+    model.train()
+    # one step first: LoRA's B (and AdaLoRA's E, VeRA's lambda_b) start at zero, which
+    # leaves the factor before them without a gradient on the very first batch only
+    model(**batch).loss.backward()
+    opt.step()
+    opt.zero_grad()
+    store = getattr(model, "peftlab_prefix", None)
+    loss = model(**batch).loss
+    if store is not None:  # the prefixes as used, which the MLP computes when it trains
+        for kv in store._current.values():
+            kv.retain_grad()
+    loss.backward()
+    for n, p in trained.items():
+        assert p.grad is not None, f"{n} got no gradient"
+        # per row, not per tensor: peft's decoder prompt was the second half of one tensor;
+        # only full fine-tuning has rows a batch does not reach (embeddings of absent tokens)
+        rows = p.grad.reshape(len(p), -1).abs().sum(1) if p.dim() else p.grad.abs()[None]
+        reached = rows.sum() > 0 if name == "full" else (rows > 0).all()
+        assert reached, f"{n}: rows {torch.nonzero(rows == 0).flatten().tolist()[:8]} got none"
+    if store is not None:
+        for kind, kv in store._current.items():
+            per_layer = kv.grad.flatten(1).abs().sum(1)  # every layer of every kind
+            assert (per_layer > 0).all(), kind
+    setup = SimpleNamespace(method=method, model=model, base_params=10**6)
+    counts = parameter_counts(setup)
+    assert counts["trained_params"] == sum(p.numel() for p in trained.values())
+    exported = sum(t.numel() for t in method.export_state(model).values())
+    assert counts["trainable_params"] == exported
+    if name == "prefix" and parsed.reparameterize:
+        assert counts["trained_params"] > counts["trainable_params"]  # the MLP trains
+    else:
+        assert counts["trained_params"] == counts["trainable_params"]

@@ -25,26 +25,64 @@ def test_bf16_autocast_on_cpu_runs_and_stays_close_to_fp32(tmp_path):
     assert abs(bf16["val_metrics"]["loss"] - fp32["val_metrics"]["loss"]) < 0.05 * fp32["val_metrics"]["loss"]
 
 
-def test_eval_precision_auto_keeps_the_test_split_in_fp32(monkeypatch):
-    import torch
-
+def test_evaluation_defaults_to_fp32_so_validation_selects_on_what_the_test_reports():
     from peftlab import run as run_module
     from peftlab.config import resolve_run_config
+    from peftlab.errors import ConfigError
 
-    cpu = torch.device("cpu")
     cfg = resolve_run_config({"model": "t5-tiny"})
-    for native in (True, False):
-        monkeypatch.setattr(run_module, "native_bf16", lambda device, native=native: native)
-        assert run_module.use_bf16_eval(cfg, cpu, "validation") is native
-        assert run_module.use_bf16_eval(cfg, cpu, "test") is False
-    for precision, expected in (("bf16", True), ("fp32", False)):
+    assert cfg.eval_precision == "fp32"
+    for precision, validation, test in (("fp32", False, False), ("bf16-validation", True, False),
+                                        ("bf16", True, True)):
         cfg = resolve_run_config({"model": "t5-tiny", "eval_precision": precision})
-        assert all(run_module.use_bf16_eval(cfg, cpu, split) is expected
-                   for split in ("validation", "test"))
+        assert run_module.use_bf16_eval(cfg, "validation") is validation
+        assert run_module.use_bf16_eval(cfg, "test") is test
+    import pytest
+
+    with pytest.raises(ConfigError, match="eval_precision"):
+        resolve_run_config({"model": "t5-tiny", "eval_precision": "auto"})
+
+
+def test_gradient_accumulation_weights_micro_batches_by_their_target_tokens(tokenizer):
+    """Two SAMSum micro-batches with different target lengths accumulate to exactly the
+    gradient of one batch holding both: the mean over every target token of the step."""
+    import torch
+
+    from peftlab.data import collate, tokenize
+    from peftlab.models import load_model
+    from peftlab.tasks import build_task, prepare_splits
+    from peftlab.train import accumulate_gradients
+
+    splits = prepare_splits(build_task("samsum", {}), 16, 4, 4, seed=0)
+    feats = tokenize(tokenizer, splits.train, 256, 128)
+    lengths = [len(x) for x in feats.labels]
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    short, long = order[:2], order[-2:]  # micro-batches of very different token counts
+    micro = [collate(feats, idx, tokenizer.pad_token_id) for idx in (long, short)]
+    counts = [int((b["labels"] != -100).sum()) for b in micro]
+    assert counts[0] > 1.5 * counts[1], counts
+    whole = collate(feats, long + short, tokenizer.pad_token_id)
+    model = load_model("t5-tiny").eval()  # no dropout: the two must see the same function
+    cpu = torch.device("cpu")
+
+    def gradient(batches, equal_weights=False):
+        model.zero_grad()
+        if equal_weights:  # what peftlab did before: each micro-batch's mean, halved
+            for b in batches:
+                (model(**b).loss / len(batches)).backward()
+        else:
+            accumulate_gradients(model, batches, cpu, bf16=False)
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    single = gradient([whole])
+    accumulated = gradient(micro)
+    assert ((accumulated - single).norm() / single.norm()).item() < 1e-5
+    # the test can fail: equal weights per micro-batch are far off
+    assert ((gradient(micro, equal_weights=True) - single).norm() / single.norm()).item() > 1e-2
 
 
 def test_bf16_evaluation_is_recorded_and_its_test_metrics_stay_close(tmp_path):
-    fp32, _ = train(tmp_path, "fp32", eval_precision="fp32")
+    fp32, _ = train(tmp_path, "fp32")
     bf16, _ = train(tmp_path, "bf16", eval_precision="bf16")
     assert fp32["eval_bf16"] == {"validation": False, "test": False}
     assert bf16["eval_bf16"] == {"validation": True, "test": True}
@@ -103,7 +141,7 @@ def test_custom_generation_task_through_the_datasets_library(tmp_path):
         "task_args.input_column": "question", "task_args.target_column": "answer",
         "task_args.max_new_tokens": 4, "train_size": 6, "val_size": 4, "test_size": 4,
     })
-    assert s["selection_metric"] == "rougeL"
+    assert s["selection_metric"] == "rougeLsum"
     assert len(read_jsonl(run_dir / "predictions" / "test.jsonl")) == 4
 
 

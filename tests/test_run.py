@@ -28,7 +28,7 @@ def test_a_run_leaves_a_complete_record(tmp_path):
     assert result.exit_code == 0, result.output
     s = summary(run_dir)
     assert s["status"] == "completed" and s["method"] == "lora" and s["task"] == "sst2"
-    assert s["trainable_params"] == 9216
+    assert s["trainable_params"] == s["trained_params"] == 9216
     assert s["total_params"] == 4_359_168 + 9216
     assert s["trainable_percent"] == pytest.approx(100 * 9216 / (4_359_168 + 9216))
     assert s["best_step"] in (0, 2, 4) and s["steps_done"] == 4
@@ -48,6 +48,9 @@ def test_a_run_leaves_a_complete_record(tmp_path):
     assert f"training {phases['training']:.1f} s" in result.output
     preds = read_jsonl(run_dir / "predictions" / "test.jsonl")
     assert len(preds) == 24 and set(preds[0]) >= {"id", "reference", "prediction", "score"}
+    for metric in ("accuracy", "generation_exact_match"):  # one scale: the metric is the mean
+        assert s["test_metrics"][metric] == pytest.approx(
+            sum(r["scores"][metric] for r in preds) / len(preds))
     assert (run_dir / "adapter.safetensors").stat().st_size > 9216 * 4
     assert "method_args" in (run_dir / "config.yaml").read_text()
     assert not list(run_dir.glob(".*.tmp"))
@@ -86,13 +89,18 @@ def test_samsum_run_with_prefix_tuning(tmp_path):
                             test_size=4, max_new_tokens=8, max_source_length=128, max_steps=2)
     assert result.exit_code == 0, result.output
     s = summary(run_dir)
-    assert s["selection_metric"] == "rougeL" and "rougeLsum" in s["test_metrics"]
+    assert s["selection_metric"] == "rougeLsum" and "rougeL" in s["test_metrics"]
+    assert s["trained_params"] > s["trainable_params"]  # the prefix MLP trains, then folds
+    preds = read_jsonl(run_dir / "predictions" / "test.jsonl")
+    for metric in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        assert s["test_metrics"][metric] == pytest.approx(
+            sum(r["scores"][metric] for r in preds) / len(preds))
     assert s["data"]["train_dropped_empty_dialogues"] == 1
 
 
 @pytest.mark.parametrize("method,task,metric", [
     ("untuned", "sst2", "accuracy"), ("majority", "sst2", "accuracy"),
-    ("lead-3", "samsum", "rougeL"),
+    ("lead-3", "samsum", "rougeLsum"),
 ])
 def test_references_need_no_training(tmp_path, method, task, metric):
     result, run_dir = train(tmp_path, method=method, task=task, test_size=20)
@@ -124,3 +132,23 @@ def test_a_finished_run_is_not_overwritten(tmp_path):
     result, _ = train(tmp_path, method="prompt")
     assert result.exit_code == 2 and "already holds a finished run" in result.output
     assert (run_dir / "summary.json").read_text() == before
+
+
+def test_peak_memory_is_each_runs_own_even_in_one_process(tmp_path):
+    """A study's worker runs many cells in one process. Full fine-tuning of the Flan-T5-small
+    geometry (weights, gradients, Adam state: about 1.2 GB) and then a LoRA run on t5-tiny:
+    the process's high-water mark would give the LoRA run the full run's peak."""
+    from peftlab.config import resolve_run_config
+    from peftlab.run import run
+
+    def one(name, **overrides):
+        values = dict(model="t5-tiny", task="sst2", method="lora", train_size=8, val_size=8,
+                      test_size=8, max_steps=1, eval_every=1, batch_size=4, eval_batch_size=8,
+                      output_dir=str(tmp_path / name))
+        return run(resolve_run_config({**values, **overrides}), progress=False)
+
+    big = one("full", model="flan-t5-small-random", method="full")
+    small = one("lora")
+    assert big["peak_memory_kind"] == small["peak_memory_kind"] == "rss_run"
+    assert big["peak_memory_mb"] - small["peak_memory_mb"] > 700, (big["peak_memory_mb"],
+                                                                    small["peak_memory_mb"])

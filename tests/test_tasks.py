@@ -74,8 +74,34 @@ def test_rouge_matches_rouge_score_directly():
     for key in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
         expected = 100 * sum(d[key].fmeasure for d in direct) / len(direct)
         assert metrics[key] == pytest.approx(expected, abs=1e-9)
-    assert rows[0]["score"] == pytest.approx(100 * direct[0]["rougeL"].fmeasure)
+    assert rows[0]["score"] == pytest.approx(100 * direct[0]["rougeLsum"].fmeasure)
+    assert task.primary_metric == "rougeLsum"
     assert split_sentences("A b. C d! E?") == "A b.\nC d!\nE?"
+
+
+def test_sentence_splitting_keeps_abbreviations_and_numbers():
+    # the regex splitter before cut after "Mr." and "p.m.": rougeLsum then matched fragments
+    assert split_sentences("Mr. Smith comes at 5 p.m. tomorrow. Anna is happy!") == \
+        "Mr. Smith comes at 5 p.m. tomorrow.\nAnna is happy!"
+    assert split_sentences("They meet Dr. Brown at St. Mary's. It costs $3.50.") == \
+        "They meet Dr. Brown at St. Mary's.\nIt costs $3.50."
+    assert split_sentences("  ") == ""
+
+
+def test_lead3_on_samsum_test_matches_the_samsum_paper():
+    """Gliwa et al. (2019), Table 2, LEAD-3 on the SAMSum test set: R-1 31.40, R-2 8.68,
+    R-L 29.42 (summary-level, what rougeLsum is)."""
+    from peftlab.evaluate import evaluate_predictions
+    from peftlab.methods.baselines import lead3
+
+    task = build_task("samsum", {})
+    splits = prepare_splits(task, 8, 8, "all", seed=0)
+    metrics = evaluate_predictions(task, lead3(splits.train, splits.test), splits.test).metrics
+    assert len(splits.test) == 819
+    assert metrics["rouge1"] == pytest.approx(31.40, abs=0.2)
+    assert metrics["rouge2"] == pytest.approx(8.68, abs=0.1)
+    assert metrics["rougeLsum"] == pytest.approx(29.42, abs=0.3)
+    assert metrics["rougeL"] < 25  # sentence-level ROUGE-L is not the papers' R-L
 
 
 def test_classification_metrics(sst2):
@@ -84,7 +110,12 @@ def test_classification_metrics(sst2):
     assert metrics["accuracy"] == 50.0
     assert metrics["generation_exact_match"] == 50.0
     assert metrics["invalid_generation_rate"] == 50.0
-    assert rows[1] == {"prediction": "positive", "score": 0, "generation": "maybe"}
+    assert rows[1] == {"prediction": "positive", "score": 0.0, "generation": "maybe",
+                       "scores": {"accuracy": 0.0, "generation_exact_match": 0.0}}
+    # per-example scores are on the metric's scale: each metric is their mean
+    assert rows[0]["scores"] == {"accuracy": 100.0, "generation_exact_match": 100.0}
+    for metric in ("accuracy", "generation_exact_match"):
+        assert metrics[metric] == sum(r["scores"][metric] for r in rows) / len(rows)
 
 
 # --- readers: every error names the file and the line -------------------------------------

@@ -109,13 +109,22 @@ def model_flops(cfg_model, enc_lens: list[int], dec_lens: list[int], full: bool)
     return 2 * macs * (3 if full else 2)
 
 
+def _peak_memory():
+    """This measurement's own peak memory (see peftlab.memory), from here on."""
+    import torch
+
+    from peftlab.memory import PeakMemory
+
+    return PeakMemory(torch.device("cuda" if torch.cuda.is_available() else "cpu")).start()
+
+
 def measure_ours(method: str, shape: str, batch_size: int, steps: int, warmup: int,
                  precision: str, model: str = MODEL, group_by_length: bool = True,
                  ) -> dict[str, Any]:
     from peftlab.data import training_batches
-    from peftlab.run import peak_memory_mb
     from peftlab.train import train
 
+    memory = _peak_memory()
     cfg, s, features = _setup(method, shape, batch_size, 256, model=model)
     cfg = cfg.model_copy(update={"max_steps": warmup + steps, "log_every": warmup,
                                  "eval_every": 10**9, "warmup_ratio": 0.0,
@@ -154,7 +163,7 @@ def measure_ours(method: str, shape: str, batch_size: int, steps: int, warmup: i
             "tokens_per_s": (sum(enc) + sum(dec)) / seconds, "flops_per_s": flops / seconds,
             "peak_flops_per_s": peak, "mfu": flops / seconds / peak,
             "padding_fraction": 1 - (sum(enc) + sum(dec)) / padded,
-            "peak_memory_mb": peak_memory_mb(s.device), "device": str(s.device)}
+            "peak_memory_mb": memory.peak_mb(), "device": str(s.device)}
 
 
 def _reference_features(s, examples, src: int, tgt: int) -> list[dict[str, list[int]]]:
@@ -182,8 +191,7 @@ def measure_reference(method: str, shape: str, batch_size: int, steps: int, warm
     """What the HF docs show: Seq2SeqTrainer + peft + DataCollatorForSeq2Seq."""
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, TrainerCallback
 
-    from peftlab.run import peak_memory_mb
-
+    memory = _peak_memory()
     cfg, s, features = _setup(method, shape, batch_size, n_examples, dropout, model=model)
     idx = order if order is not None else list(range(len(features)))
     # A plain list is a valid torch Dataset; `datasets` would add nothing to the timing.
@@ -214,7 +222,7 @@ def measure_reference(method: str, shape: str, batch_size: int, steps: int, warm
     seconds = marks[warmup + steps] - marks[warmup]
     examples = steps * batch_size
     return {"seconds": seconds, "examples_per_s": examples / seconds, "losses": losses,
-            "peak_memory_mb": peak_memory_mb(s.device)}
+            "peak_memory_mb": memory.peak_mb()}
 
 
 def measure_numerics(method: str, steps: int, model: str = MODEL) -> dict[str, Any]:

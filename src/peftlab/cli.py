@@ -200,24 +200,27 @@ def methods_cmd(
     from peftlab.methods import METHODS, Baseline, MethodContext
     from peftlab.models import count_parameters, default_tokenizer_for, load_model
 
-    table = Table(title=f"methods on {model} (inference-time parameters)")
-    for col in ("method", "trainable", "% of total", "default lr", "default settings"):
+    table = Table(title=f"methods on {model}: parameters saved for inference and trained")
+    for col in ("method", "trainable (inference)", "trained (training)", "% of total",
+                "default lr", "default settings"):
         table.add_column(col, overflow="fold")
 
     def rows() -> None:
         for name, m in METHODS.items():
             settings = json.dumps(m.Args().model_dump())
             if isinstance(m, Baseline):
-                table.add_row(name, "0 (no model)", "-", "-", settings)
+                table.add_row(name, "0 (no model)", "0", "-", "-", settings)
                 continue
             base = load_model(model)
             total = count_parameters(base)
             torch.manual_seed(0)
             adapted = m.apply(base, m.Args(), MethodContext(default_tokenizer_for(model), 1), False)
             trainable = sum(t.numel() for t in m.export_state(adapted).values())
+            trained = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
             total += trainable if m.adds_parameters else 0
             lr = "-" if m.default_learning_rate is None else f"{m.default_learning_rate:g}"
-            table.add_row(name, f"{trainable:,}", f"{100 * trainable / total:.4f}", lr, settings)
+            table.add_row(name, f"{trainable:,}", f"{trained:,}", f"{100 * trainable / total:.4f}",
+                          lr, settings)
 
     _guarded(rows)
     console.print(table)

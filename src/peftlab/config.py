@@ -50,9 +50,11 @@ class RunConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="training: auto = bf16 autocast on GPU, fp32 on CPU"
     )
-    eval_precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="evaluation: auto = validation in bf16 where bf16 matmuls are "
-        "native (GPU; CPU with AVX512-BF16 or AMX), the test split in fp32"
+    eval_precision: Literal["fp32", "bf16-validation", "bf16"] = Field(
+        "fp32", description="evaluation: fp32 = every evaluation in fp32, so checkpoints, "
+        "rates and sizes are chosen on the numbers the test split reports; bf16-validation = "
+        "validation on a bf16 copy (faster where bf16 is native; it can change what is "
+        "selected, docs/speed.md), the test split in fp32; bf16 = both in bf16"
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_batch_size: int = Field(
@@ -63,6 +65,10 @@ class RunConfig(BaseModel):
     max_target_length: int | None = Field(None, ge=1, description="None: the task's default")
     max_new_tokens: int | None = Field(None, ge=1, description="None: the task's default")
     num_beams: int = Field(1, ge=1, description="1: greedy decoding")
+    label_scoring: Literal["sum", "mean"] = Field(
+        "sum", description="rank classification: a label's score is the log-probability of "
+        "its tokens and its end-of-sequence token, summed (sum) or averaged per token (mean)"
+    )
     generate_on_validation: bool = Field(
         False, description="classification: also generate at each evaluation (test always does)"
     )

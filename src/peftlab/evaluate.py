@@ -35,6 +35,7 @@ class EvalSettings:
     pad_id: int = 0
     generate: bool = True  # classification: also generate, for exact match and invalid rate
     progress: bool = True
+    label_scoring: str = "sum"  # rank classification: "sum" or "mean" over a label's tokens
 
 
 @dataclass
@@ -57,8 +58,7 @@ def inference_model(model: nn.Module, bf16: bool) -> nn.Module:
 
 
 def _picked_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    # peft's optional decoder prompt adds positions in front: the labels are the last T.
-    logits = logits[:, -labels.shape[1]:, :].float()
+    logits = logits.float()
     logp = torch.log_softmax(logits, dim=-1)
     mask = labels != IGNORE_INDEX
     picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -77,14 +77,6 @@ def _token_logprobs(model: nn.Module, input_ids: torch.Tensor, labels: torch.Ten
 def _transformers_model(model: nn.Module) -> nn.Module:
     """The transformers model inside a peft wrapper (its layers carry LoRA/IA3), else itself."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _decoder_prompt(model: nn.Module) -> bool:
-    """peft prompt tuning with num_transformer_submodules=2 also prompts the decoder, which
-    only the peft wrapper's own `generate` knows how to do."""
-    config = getattr(model, "active_peft_config", None)
-    return bool(config is not None and config.is_prompt_learning
-                and config.num_transformer_submodules == 2)
 
 
 @functools.cache
@@ -199,7 +191,7 @@ def _generate_ids(model: nn.Module, input_ids: torch.Tensor, s: EvalSettings,
     kwargs = dict(max_new_tokens=s.max_new_tokens, num_beams=s.num_beams, do_sample=False)
     if encoded is not None and (ids := _greedy_from_cache(model, encoded, s)) is not None:
         return ids
-    if encoded is not None and not _decoder_prompt(model):
+    if encoded is not None:
         return _transformers_model(model).generate(
             encoder_outputs=BaseModelOutput(last_hidden_state=encoded.states),
             attention_mask=encoded.mask, **kwargs)
@@ -210,9 +202,21 @@ def _generate_ids(model: nn.Module, input_ids: torch.Tensor, s: EvalSettings,
 
 @dataclass
 class Ranked:
-    scores: np.ndarray  # (N, C): summed log-likelihood of each label word without its EOS
+    scores: np.ndarray  # (N, C): each label's score (see `label_scores`)
     nll: np.ndarray  # (N, C, 2): summed NLL over the word and EOS, and its token count
     generated: list[str] | None  # free generations, when a tokenizer was given
+
+
+def label_scores(logprobs: np.ndarray, lengths: np.ndarray, scoring: str) -> np.ndarray:
+    """A label's score from its token log-probabilities (..., T), EOS included, 0 past its end.
+
+    The end-of-sequence token is part of the score: without it, a label that is a token
+    prefix of another ("good" and "good movie") always scores at least as high, since the
+    longer label only adds negative terms, and could never lose. `mean` divides by the
+    label's token count, for label words of very different lengths.
+    """
+    total = logprobs.sum(-1)
+    return total / lengths if scoring == "mean" else total
 
 
 @torch.no_grad()
@@ -227,8 +231,7 @@ def rank_classify(model: nn.Module, features: Features, candidates: list[list[in
     nll = np.zeros((len(features), n_cand, 2))
     generated: list[str] | None = [""] * len(features) if generate_with is not None else None
     cand = pad(candidates, IGNORE_INDEX)
-    lengths = torch.tensor([len(c) for c in candidates])
-    word_mask = torch.arange(cand.shape[1])[None, :] < (lengths[:, None] - 1)  # drop EOS
+    lengths = np.array([len(c) for c in candidates], dtype=float)
     batches = sorted_batches([len(x) for x in features.input_ids], max(1, s.batch_size // n_cand))
     for idx in tqdm(batches, desc=desc, leave=False, disable=not s.progress or None):
         inputs = pad([features.input_ids[i] for i in idx], s.pad_id)
@@ -239,9 +242,10 @@ def rank_classify(model: nn.Module, features: Features, candidates: list[list[in
             for i, text in zip(idx, texts):
                 generated[i] = text.strip()
         lp = _candidate_logprobs(model, encoded, cand, s).view(len(idx), n_cand, -1).double()
-        scores[idx] = (lp * word_mask).sum(-1).numpy()
-        nll[idx, :, 0] = (-lp.sum(-1)).numpy()
-        nll[idx, :, 1] = lengths.numpy()
+        lp = lp.numpy()
+        scores[idx] = label_scores(lp, lengths, s.label_scoring)
+        nll[idx, :, 0] = -lp.sum(-1)
+        nll[idx, :, 1] = lengths
     return Ranked(scores, nll, generated)
 
 

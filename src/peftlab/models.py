@@ -8,8 +8,10 @@ fixed seed so every run of a study starts from the same "checkpoint", as with re
 from __future__ import annotations
 
 import functools
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -95,6 +97,23 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
         return AutoTokenizer.from_pretrained(name)
     except Exception as e:  # HF raises OSError, ValueError, HTTP errors...
         raise ModelLoadError(f"{_offline_hint(name, 'tokenizer')} ({type(e).__name__}: {e})") from e
+
+
+def common_tokens(tokenizer: Any, k: int) -> list[int]:
+    """The k most common ordinary tokens: by the unigram model's log-probability where the
+    tokenizer has one (T5's SentencePiece), else by id (BPE ids follow merge order, roughly
+    frequency). Special tokens (pad, EOS, unknown, T5's <extra_id_*> sentinels) are left out.
+    peft's SAMPLE_VOCAB draws from every embedding row instead, sentinels and the 28 rows of
+    Flan-T5's embedding that no token uses included."""
+    special = set(tokenizer.all_special_ids)
+    model = json.loads(tokenizer.backend_tokenizer.to_str()).get("model", {}) \
+        if hasattr(tokenizer, "backend_tokenizer") else {}
+    vocab = model.get("vocab")
+    if model.get("type") == "Unigram" and isinstance(vocab, list):
+        ranked = sorted(range(len(vocab)), key=lambda i: -vocab[i][1])
+    else:
+        ranked = list(range(len(tokenizer)))
+    return [i for i in ranked if i not in special][:k]
 
 
 def load_model(name: str) -> nn.Module:

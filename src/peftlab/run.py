@@ -12,7 +12,6 @@ Every file is written atomically.
 from __future__ import annotations
 
 import platform
-import resource
 import shutil
 import subprocess
 import time
@@ -30,9 +29,10 @@ from peftlab.data import Features, tokenize
 from peftlab.errors import PeftlabError
 from peftlab.evaluate import EvalResult, EvalSettings, evaluate_model, evaluate_predictions
 from peftlab.files import read_jsonl, save_tensors, write_json, write_jsonl, write_yaml
+from peftlab.memory import PeakMemory
 from peftlab.methods import Baseline, Method, MethodContext, get_method
 from peftlab.models import count_parameters, default_tokenizer_for, load_model, load_tokenizer
-from peftlab.tasks import Splits, Task, build_task, prepare_splits
+from peftlab.tasks import ClassificationTask, Splits, Task, build_task, prepare_splits
 from peftlab.train import train
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -64,14 +64,14 @@ def use_bf16(cfg: RunConfig, device: torch.device) -> bool:
     return cfg.precision == "bf16"
 
 
-def use_bf16_eval(cfg: RunConfig, device: torch.device, split: str) -> bool:
-    """Evaluation. auto: the validation evaluations (repeated every `eval_every` steps, for
-    curves and selection) in bf16 wherever it is native, about twice as fast on such a CPU;
-    the test split, touched once and reported, always in fp32: bf16 rounding flipped 12% of
-    the predictions of a near-chance model, whose label scores are almost tied
-    (docs/speed.md)."""
-    if cfg.eval_precision == "auto":
-        return split != "test" and native_bf16(device)
+def use_bf16_eval(cfg: RunConfig, split: str) -> bool:
+    """Evaluation. fp32 (the default) everywhere, so what validation selects (checkpoint,
+    learning rate, size) is chosen on the numbers the test split reports: bf16 rounding
+    flipped 12% of a near-chance model's predictions (docs/speed.md). `bf16-validation`
+    evaluates the repeated validation passes on a bf16 copy (about twice as fast where bf16
+    is native) and the test split in fp32; `bf16` evaluates both in bf16."""
+    if cfg.eval_precision == "bf16-validation":
+        return split != "test"
     return cfg.eval_precision == "bf16"
 
 
@@ -100,12 +100,6 @@ def environment() -> dict[str, Any]:
     }
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
 @dataclass
 class Setup:
     """Everything a run needs, built from a resolved config (also used by `peftlab eval`)."""
@@ -127,10 +121,10 @@ class Setup:
 
     def eval_settings(self, split: str, progress: bool) -> EvalSettings:
         return EvalSettings(self.cfg.eval_batch_size, self.cfg.max_new_tokens, self.cfg.num_beams,
-                            self.device, use_bf16_eval(self.cfg, self.device, split),
+                            self.device, use_bf16_eval(self.cfg, split),
                             pad_id=self.tokenizer.pad_token_id,
                             generate=split == "test" or self.cfg.generate_on_validation,
-                            progress=progress)
+                            progress=progress, label_scoring=self.cfg.label_scoring)
 
     def evaluate(self, split: str, features: Features | None = None,
                  progress: bool = True) -> EvalResult:
@@ -157,6 +151,7 @@ def setup(cfg: RunConfig, for_inference: bool = False) -> Setup:
     tokenizer_path = cfg.tokenizer or default_tokenizer_for(cfg.model)
     s.tokenizer = load_tokenizer(tokenizer_path)
     s.base_params = count_parameters(model)
+    check_label_tokens(task, s.tokenizer)
     torch.manual_seed(cfg.seed)  # method initialisation (LoRA A, prompt draw) follows the seed
     ctx = MethodContext(tokenizer_path, cfg.max_steps)
     args = method.Args.model_validate(cfg.method_args)
@@ -170,13 +165,30 @@ def setup(cfg: RunConfig, for_inference: bool = False) -> Setup:
     return s
 
 
+def check_label_tokens(task: Task, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Rank classification cannot tell apart label words that tokenize the same."""
+    if not isinstance(task, ClassificationTask):
+        return
+    seen: dict[tuple[int, ...], str] = {}
+    for word in task.label_words:
+        ids = tuple(tokenizer(word)["input_ids"])
+        if ids in seen:
+            raise PeftlabError(f"label words {seen[ids]!r} and {word!r} are the same tokens "
+                               f"{list(ids)} for this tokenizer; give each class its own word")
+        seen[ids] = word
+
+
 def parameter_counts(s: Setup) -> dict[str, Any]:
-    """Trainable = what the method exports (inference form); total = base + what it adds."""
+    """trainable_params: what the method exports and a user keeps (inference form);
+    trained_params: what the optimizer updates (training form: prefix tuning's MLP, for
+    example, trains far more than the prefixes it folds into); total: base + what it adds."""
     if isinstance(s.method, Baseline):
-        return {"trainable_params": 0, "total_params": 0, "trainable_percent": 0.0}
+        return {"trainable_params": 0, "trained_params": 0, "total_params": 0,
+                "trainable_percent": 0.0}
     trainable = sum(t.numel() for t in s.method.export_state(s.model).values())
+    trained = sum(p.numel() for p in s.model.parameters() if p.requires_grad)
     total = s.base_params + (trainable if s.method.adds_parameters else 0)
-    return {"trainable_params": trainable, "total_params": total,
+    return {"trainable_params": trainable, "trained_params": trained, "total_params": total,
             "trainable_percent": 100.0 * trainable / total}
 
 
@@ -212,6 +224,7 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> dict[
     """Train one run into `cfg.output_dir` (resuming an unfinished one) and return its summary."""
     out = Path(cfg.output_dir)
     started = time.perf_counter()
+    memory = PeakMemory(resolve_device(cfg)).start()
     s = setup(cfg)  # bad data or a bad model fails here, before anything is written
     resume, rows = prepare_output(cfg, overwrite)
     write_yaml(out / "config.yaml", cfg.model_dump())
@@ -262,9 +275,9 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> dict[
         "test_metrics": test.metrics,
         "time_s": phase_seconds(rows, setup_s, test_s, trained=trains),
         "wall_time_s": time.perf_counter() - started + (resume.meta["elapsed_s"] if resume else 0),
-        "peak_memory_mb": peak_memory_mb(s.device),
+        "peak_memory_mb": memory.peak_mb(), "peak_memory_kind": memory.kind,
         "device": str(s.device), "bf16": s.bf16,
-        "eval_bf16": {split: use_bf16_eval(cfg, s.device, split) for split in ("validation", "test")},
+        "eval_bf16": {split: use_bf16_eval(cfg, split) for split in ("validation", "test")},
         **environment(),
     })
     write_json(out / "summary.json", summary)  # last: its presence marks a finished run

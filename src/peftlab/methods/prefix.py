@@ -165,10 +165,14 @@ class PrefixStore(nn.Module):
                     for k in self.layers}
 
 
-def _vocab_init(model: nn.Module, store: PrefixStore, modules: dict[str, list]) -> None:
-    """Li & Liang: initialise with the activations of real words (here: sampled tokens)."""
-    vocab = model.config.vocab_size
-    tokens = torch.randint(100, min(vocab, 32000), (1, store.n))
+def _vocab_init(model: nn.Module, store: PrefixStore, modules: dict[str, list],
+                ctx: MethodContext) -> None:
+    """Li & Liang: initialise with the activations of real words (here: tokens sampled from
+    the 5,000 most common, as prompt tuning's vocab init does)."""
+    from peftlab.models import common_tokens, load_tokenizer
+
+    pool = torch.tensor(common_tokens(load_tokenizer(ctx.tokenizer_path), 5000))
+    tokens = pool[torch.randint(len(pool), (1, store.n))]
     captured: dict[int, torch.Tensor] = {}
     hooks = []
     for kind in store.layers:
@@ -202,7 +206,7 @@ def apply(model: nn.Module, args: Args, ctx: MethodContext, for_inference: bool)
         model.config.d_model, args, plain=for_inference or not args.reparameterize,
     )
     if args.init == "vocab" and not for_inference:
-        _vocab_init(model, store, modules)
+        _vocab_init(model, store, modules, ctx)
     model.peftlab_prefix = store  # a submodule: its parameters train and save with the model
     for kind, attns in modules.items():
         for layer, attn in enumerate(attns):

@@ -1,13 +1,15 @@
 """Prompt tuning (Lester et al. 2021) via peft: N learned embeddings before the encoder input.
 
-peft's seq2seq default (num_transformer_submodules=2) also prepends N embeddings to the
-decoder input, which is not Lester's method: here that is the `decoder_prompt` option.
+There is no decoder prompt: peft's seq2seq default (num_transformer_submodules=2) allocates 2N
+prompt rows, but in peft 0.21 only the first N are ever used, so the decoder half trains
+nothing and doubles the reported count.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
+import torch
 from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
@@ -19,10 +21,23 @@ class Args(BaseModel):
     model_config = ConfigDict(extra="forbid")
     num_virtual_tokens: int = Field(20, ge=1)
     init: Literal["vocab", "random", "text"] = Field(
-        "vocab", description="vocab: embeddings of sampled vocabulary tokens (Lester's advice)"
+        "vocab", description="vocab: embeddings of tokens sampled from the most common ones "
+        "(Lester et al.)"
+    )
+    vocab_top_k: int = Field(
+        5000, ge=1, description="init vocab: sample from this many most common tokens (Lester "
+        "et al.: 5,000); special and sentinel tokens never"
     )
     init_text: str | None = None
-    decoder_prompt: bool = Field(False, description="also prepend to the decoder (peft default)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_decoder_prompt(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "decoder_prompt" in data:
+            raise ValueError("`decoder_prompt` was removed: in peft 0.21 the decoder half of "
+                             "the prompt never reaches the model (zero gradient), so it trained "
+                             "nothing and doubled the reported parameter count")
+        return data
 
     @model_validator(mode="after")
     def _text(self) -> Args:
@@ -31,7 +46,19 @@ class Args(BaseModel):
         return self
 
 
-_INIT = {"vocab": PromptTuningInit.SAMPLE_VOCAB, "random": PromptTuningInit.RANDOM,
+def _vocab_init(model: nn.Module, args: Args, ctx: MethodContext) -> None:
+    """Lester et al.: each prompt row starts as the embedding of a token drawn from the 5,000
+    most common ones (with the torch generator, seeded by the run's seed)."""
+    from peftlab.models import common_tokens, load_tokenizer
+
+    pool = torch.tensor(common_tokens(load_tokenizer(ctx.tokenizer_path), args.vocab_top_k))
+    chosen = pool[torch.randint(len(pool), (args.num_virtual_tokens,))]
+    embeddings = model.get_input_embeddings().weight
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.copy_(embeddings[chosen])
+
+
+_INIT = {"vocab": PromptTuningInit.RANDOM, "random": PromptTuningInit.RANDOM,
          "text": PromptTuningInit.TEXT}
 
 
@@ -39,13 +66,16 @@ def apply(model: nn.Module, args: Args, ctx: MethodContext, for_inference: bool)
     config = PromptTuningConfig(
         task_type=TaskType.SEQ_2_SEQ_LM,
         num_virtual_tokens=args.num_virtual_tokens,
-        num_transformer_submodules=2 if args.decoder_prompt else 1,
+        num_transformer_submodules=1,  # the encoder only (see the module docstring)
         # a saved state overwrites the prompt anyway: skip the text init's tokenizer load
         prompt_tuning_init=PromptTuningInit.RANDOM if for_inference else _INIT[args.init],
         prompt_tuning_init_text=args.init_text if args.init == "text" else None,
         tokenizer_name_or_path=ctx.tokenizer_path if args.init == "text" else None,
     )
-    return get_peft_model(model, config)
+    wrapped = get_peft_model(model, config)
+    if args.init == "vocab" and not for_inference:
+        _vocab_init(wrapped, args, ctx)
+    return wrapped
 
 
 METHOD = Method("prompt", Args, apply, default_learning_rate=0.3, adds_parameters=True,

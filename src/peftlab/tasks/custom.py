@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from peftlab.errors import DataError
 from peftlab.tasks.base import ClassificationTask, Example, GenerationTask, Task, TaskData
@@ -39,6 +39,21 @@ class Args(BaseModel):
         if self.kind == "classification" and not self.label_words:
             raise ValueError("classification needs `label_words` (raw label -> word)")
         return self
+
+    @field_validator("label_words")
+    @classmethod
+    def _distinct_words(cls, words: dict[str, str] | None) -> dict[str, str] | None:
+        seen: dict[str, str] = {}
+        for value, word in (words or {}).items():
+            # generations are compared lower-cased and stripped: so are the label words
+            norm = word.strip().lower()
+            if not norm:
+                raise ValueError(f"the word for {value!r} is empty")
+            if norm in seen:
+                raise ValueError(f"{seen[norm]!r} and {value!r} have the same word {word!r}; "
+                                 "every class needs its own word")
+            seen[norm] = value
+        return words
 
 
 def build(args: Args) -> Task:
