@@ -18,17 +18,34 @@ REFERENCE_METHODS = ("untuned", "majority", "lead-3")
 
 def _save(fig: plt.Figure, folder: Path, name: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    # bbox "tight": the legends sit outside the axes and must stay in the file
     png = folder / f"{name}.png"
-    fig.savefig(png, dpi=130)
-    fig.savefig(folder / f"{name}.svg")
+    fig.savefig(png, dpi=130, bbox_inches="tight")
+    fig.savefig(folder / f"{name}.svg", bbox_inches="tight")
     plt.close(fig)
     return png
 
 
-def _colors(names: list[str]) -> dict[str, str]:
-    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    return {n: cycle[i % len(cycle)] for i, n in enumerate(sorted(names))}
+def method_colors(names: list[str]) -> dict[str, str]:
+    """One colour per method for the whole report (every task and figure): from the sorted
+    names of all the study's methods, so a method keeps its colour across figures."""
+    palette = list(plt.get_cmap("tab10").colors) + list(plt.get_cmap("Dark2").colors)
+    return {n: matplotlib.colors.to_hex(palette[i % len(palette)])
+            for i, n in enumerate(sorted(set(names)))}
+
+
+def _legend_outside(ax: plt.Axes) -> None:
+    """Right of the axes: a legend inside covered points and error bars."""
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
+def seeds_phrase(counts: list[int]) -> str:
+    """'3 seeds', or '2-3 seeds' where some runs failed or diverged."""
+    counts = [int(c) for c in counts if c]
+    if not counts:
+        return "0 seeds"
+    low, high = min(counts), max(counts)
+    return f"{high} seed{'s' if high > 1 else ''}" if low == high else f"{low}-{high} seeds"
 
 
 def best_configs(headline: pd.DataFrame) -> pd.DataFrame:
@@ -41,12 +58,13 @@ def best_configs(headline: pd.DataFrame) -> pd.DataFrame:
 
 
 def learning_curves(study_dir: Path, runs: pd.DataFrame, best: pd.DataFrame, task: str,
-                    size, out: Path) -> Path:
+                    size, out: Path, colors: dict[str, str], metric_label: str) -> Path:
     """Training loss and validation metric vs step: mean and +-std over seeds, step 0 shown."""
     chosen = best[(best.task == task) & (best.train_size == size)]
     metric = chosen.metric.iloc[0]
-    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
-    colors = _colors(list(chosen.method_name))
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(12, 4))
+    trained = chosen[~chosen.method_name.isin(REFERENCE_METHODS)]
+    seeds = seeds_phrase(list(trained.seeds))
     for _, cfg in chosen.iterrows():
         keys = runs[(runs.task == task) & (runs.label == cfg.label) & runs.selected
                     & (runs.train_size == size)].key
@@ -66,10 +84,11 @@ def learning_curves(study_dir: Path, runs: pd.DataFrame, best: pd.DataFrame, tas
                 continue
             ax.plot(table.index, mean, color=color, label=name, marker="o", ms=3)
             ax.fill_between(table.index, mean - std, mean + std, color=color, alpha=0.15)
-    ax_loss.set(xlabel="step", ylabel="training loss", title=f"{task}, n={size}: training loss")
-    ax_val.set(xlabel="step (0 = untrained)", ylabel=f"validation {metric}",
-               title=f"{task}, n={size}: validation {metric}")
-    ax_val.legend(fontsize=7, loc="best")
+    ax_loss.set(xlabel="optimizer step", ylabel="training loss (token mean)",
+                title=f"{task}, n={size}: training loss, mean ± std over {seeds}")
+    ax_val.set(xlabel="optimizer step (0 = untrained)", ylabel=f"validation {metric_label}",
+               title=f"{task}, n={size}: validation {metric_label}, mean ± std over {seeds}")
+    _legend_outside(ax_val)
     return _save(fig, out, f"curves-{task}-n{size}")
 
 
@@ -86,19 +105,19 @@ def pareto_front(points: list[tuple[float, float]], higher: bool) -> list[int]:
     return front
 
 
-def efficiency(headline: pd.DataFrame, task: str, size, out: Path) -> Path:
+def efficiency(headline: pd.DataFrame, task: str, size, out: Path, colors: dict[str, str],
+               metric_label: str) -> Path:
     """Trainable parameters (log) vs test metric: one curve per method across its size knob."""
     table = headline[(headline.task == task) & (headline.train_size == size)]
-    metric, higher = table.metric.iloc[0], bool(table.higher_is_better.iloc[0])
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    colors = _colors(list(table.method_name.unique()))
+    higher = bool(table.higher_is_better.iloc[0])
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     trained = table[table.trainable_params > 0].sort_values("trainable_params")
     for name, g in trained.groupby("method_name"):
         ax.errorbar(g.trainable_params, g.test_mean, yerr=g.test_std.fillna(0), marker="o",
                     capsize=3, color=colors[name], label=name)
     for _, row in table[table.trainable_params == 0].iterrows():
         ax.axhline(row.test_mean, ls="--", lw=1, color=colors[row.method_name],
-                   label=f"{row.label} (0 trained)")
+                   label=f"{row.label} (trains nothing)")
     pts = list(zip(trained.trainable_params, trained.test_mean))
     front = [pts[i] for i in pareto_front(pts, higher)]
     if front:
@@ -106,20 +125,21 @@ def efficiency(headline: pd.DataFrame, task: str, size, out: Path) -> Path:
         ax.plot(fx, fy, color="black", lw=0.8, ls=":", label="Pareto front")
         ax.scatter(fx, fy, s=120, facecolors="none", edgecolors="black", zorder=5)
     ax.set_xscale("log")
-    ax.set(xlabel="trainable parameters (inference-time, log scale)", ylabel=f"test {metric}",
-           title=f"{task}, {size} training examples: efficiency vs performance")
-    ax.legend(fontsize=7, loc="best")
+    ax.set(xlabel="trainable parameters at inference (what is saved; log scale)",
+           ylabel=f"test {metric_label}",
+           title=f"{task}, {size} training examples: test {metric_label} (mean ± std over "
+                 f"{seeds_phrase(list(trained.seeds))}) vs parameters")
+    _legend_outside(ax)
     return _save(fig, out, f"efficiency-{task}-n{size}")
 
 
-def data_scaling(best: pd.DataFrame, task: str, out: Path) -> Path:
+def data_scaling(best: pd.DataFrame, task: str, out: Path, colors: dict[str, str],
+                 metric_label: str) -> Path:
     """Test metric vs training-set size for each method's best configuration."""
     table = best[best.task == task]
-    metric = table.metric.iloc[0]
     sizes = sorted({s for s in table.train_size if s != "all"})
     position = {s: i for i, s in enumerate(sizes)}
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = _colors(list(table.method_name.unique()))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, g in table[table.train_size != "all"].groupby("method_name"):
         g = g.sort_values("train_size", key=lambda s: s.map(position))
         x = [position[s] for s in g.train_size]
@@ -127,9 +147,11 @@ def data_scaling(best: pd.DataFrame, task: str, out: Path) -> Path:
         ax.errorbar(x, g.test_mean, yerr=g.test_std.fillna(0), marker="o", capsize=3, ls=style,
                     color=colors[name], label=name)
     ax.set_xticks(range(len(sizes)), [str(s) for s in sizes])
-    ax.set(xlabel="training examples", ylabel=f"test {metric}",
-           title=f"{task}: data scaling (best size and rate per method, chosen on validation)")
-    ax.legend(fontsize=7, loc="best")
+    trained = table[~table.method_name.isin(REFERENCE_METHODS)]
+    ax.set(xlabel="training examples", ylabel=f"test {metric_label}",
+           title=f"{task}: test {metric_label} (mean ± std over {seeds_phrase(list(trained.seeds))}) "
+                 "vs training examples;\neach method's size and rate chosen on validation")
+    _legend_outside(ax)
     return _save(fig, out, f"scaling-{task}")
 
 

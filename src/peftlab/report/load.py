@@ -75,13 +75,16 @@ def load_runs(study_dir: Path) -> pd.DataFrame:
             "train_size": s.get("train_size"), "learning_rate": s.get("learning_rate"),
             "seed": s.get("seed"), "status": s.get("status"),
             "shared_across_sizes": bool(cell.get("shared_across_sizes", False)),
-            "trainable_params": s.get("trainable_params"), "total_params": s.get("total_params"),
+            "trainable_params": s.get("trainable_params"),
+            "trained_params": s.get("trained_params", s.get("trainable_params")),
+            "total_params": s.get("total_params"),
             "trainable_percent": s.get("trainable_percent"), "best_step": s.get("best_step"),
             "metric": metric, "higher_is_better": higher,
             "selection_metric": s.get("selection_metric"),
             "val_score": (s.get("val_metrics") or {}).get(s.get("selection_metric")),
             "test_score": (s.get("test_metrics") or {}).get(metric),
             "wall_time_s": s.get("wall_time_s"), "peak_memory_mb": s.get("peak_memory_mb"),
+            "peak_memory_kind": s.get("peak_memory_kind", "rss_process"),
             "error": s.get("error"),
         }
         for k, v in (s.get("test_metrics") or {}).items():
@@ -136,11 +139,25 @@ def expand_shared(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
-def per_example_scores(study_dir: Path, keys: list[str]) -> tuple[list[str], np.ndarray]:
-    """(example ids, mean per-example score over the given runs), aligned by id."""
-    tables = []
-    for key in keys:
-        rows = read_jsonl(study_dir / key / "predictions" / "test.jsonl")
-        tables.append({r["id"]: float(r["score"]) for r in rows})
-    ids = sorted(set.intersection(*(set(t) for t in tables)))
-    return ids, np.mean([[t[i] for i in ids] for t in tables], axis=0)
+def example_scores(study_dir: Path, key: str, metric: str, expected: float) -> dict[str, float]:
+    """{example id: score} of one run's test predictions, on the metric's own scale.
+
+    The mean must equal the test metric in the run's summary.json: the tests over examples
+    and the tables then speak in the same units, and a file from another run or in another
+    unit is caught here instead of printing differences 100 times too small.
+    """
+    path = study_dir / key / "predictions" / "test.jsonl"
+    try:
+        rows = read_jsonl(path)
+    except (OSError, ValueError) as e:
+        raise PeftlabError(f"{path}: unreadable ({e})") from None
+    scores = {str(r["id"]): float((r.get("scores") or {}).get(metric, r.get("score", math.nan)))
+              for r in rows}
+    mean = float(np.mean(list(scores.values()))) if scores else math.nan
+    if not math.isclose(mean, expected, rel_tol=1e-6, abs_tol=1e-6):
+        raise PeftlabError(
+            f"{path}: the per-example {metric} scores average {mean:.6g}, but summary.json "
+            f"reports test {metric} {expected:.6g}; the predictions were written by another run "
+            "or an older peftlab (0-1 scores): run that cell again"
+        )
+    return scores
