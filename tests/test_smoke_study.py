@@ -1,10 +1,12 @@
-"""The `smoke` preset end to end, as the README's main job runs it, and its report in a browser."""
+"""A small study end to end through the CLI (the README's main job, the 151-run `smoke`
+preset, has the same shape and runs outside the default suite), and its report in a browser."""
 
 import os
 import shutil
 
 import pandas as pd
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from peftlab.cli import app
@@ -12,36 +14,60 @@ from peftlab.report.figures import is_nonempty_image
 
 runner = CliRunner()
 
+# both tasks, the references, a method with a size knob, 3 seeds (t-intervals appear from 3)
+MINI = {
+    "name": "mini",
+    "base": {"model": "t5-tiny", "max_steps": 4, "eval_every": 2, "log_every": 2,
+             "batch_size": 4, "eval_batch_size": 32},
+    "tasks": {"sst2": {"val_size": 16, "test_size": 24},
+              "samsum": {"val_size": 4, "test_size": 6, "max_source_length": 64,
+                         "max_target_length": 16, "max_new_tokens": 6}},
+    "methods": [{"method": "untuned"}, {"method": "majority"}, {"method": "lead-3"},
+                {"method": "full", "learning_rates": [1e-3]},
+                {"method": "lora", "sizes": {"r": [2, 8]}, "learning_rates": [1e-2]},
+                {"method": "prefix", "learning_rates": [1e-2]}],
+    "train_sizes": [16],
+    "seeds": [0, 1, 2],
+}
+RUNS = {"sst2": 1 + 3 + 3 + 6 + 3, "samsum": 1 + 1 + 3 + 6 + 3}
+
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    out = tmp_path_factory.mktemp("smoke") / "study"
-    result = runner.invoke(app, ["run", "--preset", "smoke", "--out", str(out), "--quiet"])
+    folder = tmp_path_factory.mktemp("mini")
+    (folder / "mini.yaml").write_text(yaml.safe_dump(MINI))
+    out = folder / "study"
+    result = runner.invoke(app, ["run", str(folder / "mini.yaml"), "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
-    assert '{"completed": 151}' in result.output
+    assert f'{{"completed": {sum(RUNS.values())}}}' in result.output
     return out
 
 
-def test_smoke_report_has_every_cell_and_figure(smoke):
+def test_study_report_has_every_cell_and_figure(smoke):
     report = smoke / "report"
     headline = pd.read_csv(report / "headline.csv")
-    for task, n_labels in (("sst2", 11), ("samsum", 11)):
+    for task, labels in (("sst2", {"untuned", "majority", "full", "lora-r2", "lora-r8", "prefix"}),
+                         ("samsum", {"untuned", "lead-3", "full", "lora-r2", "lora-r8", "prefix"})):
         t = headline[headline.task == task]
-        assert t.label.nunique() == n_labels, sorted(t.label.unique())
-        # every method+size has a cell at every training-set size, with a mean over 2 seeds
-        assert len(t) == n_labels * 2 and t.test_mean.notna().all()
+        assert set(t.label) == labels and t.test_mean.notna().all()
         trained = t[t.lr.notna()]
-        assert (trained.seeds == 2).all() and trained.test_std.notna().all()
+        assert (trained.seeds == 3).all() and trained.test_std.notna().all()
+        assert trained.ci_low.notna().all() and (trained.ci_low >= 0).all()
     runs = pd.read_csv(report / "runs.csv")
-    assert len(runs) == 151 and (runs.status == "completed").all()
+    assert len(runs) == sum(RUNS.values()) and (runs.status == "completed").all()
     sig = pd.read_csv(report / "significance.csv")
-    assert len(sig) == 2 * (8 * 7 // 2) + 2 * (8 * 7 // 2)  # 8 methods per task and size
+    # every pair of the 6 configurations per task; shown: each method's best size against
+    # the best trained method, full fine-tuning and the untuned model
+    assert len(sig) == 2 * (6 * 5 // 2)
+    assert sig[sig.shown].p_holm.notna().all()
     figures = sorted((report / "figures").glob("*.png"))
-    assert len(figures) == 10
+    assert len(figures) == 6  # per task: curves, efficiency, data scaling
     assert all(is_nonempty_image(f) for f in figures)
-    assert len(list((report / "figures").glob("*.svg"))) == 10
+    assert len(list((report / "figures").glob("*.svg"))) == 6
     md = (report / "report.md").read_text()
     assert "## Findings" in md and "## Appendix: every run" in md
+    assert "## samsum: test ROUGE-Lsum F1" in md and "crossed random-effects t-test" in md
+    assert "nan" not in md.split("## Appendix")[0]
 
 
 def chromium_paths():
@@ -71,7 +97,7 @@ def test_html_report_renders_in_headless_chromium(smoke, tmp_path):
         driver.get((smoke / "report" / "report.html").resolve().as_uri())
         loaded = WebDriverWait(driver, 30).until(
             lambda d: d.execute_script("return document.body.dataset.figuresLoaded"))
-        assert loaded == "10/10"
+        assert loaded == "6/6"
         assert driver.title == "peftlab study report"
         assert len(driver.find_elements("css selector", "table")) >= 4
         widths = driver.execute_script(
