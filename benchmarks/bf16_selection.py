@@ -44,7 +44,7 @@ def main() -> None:
     runs, best = {}, {}
     for precision in ("fp32", "bf16-validation"):
         folder = run_variant(args.preset, args.out, precision)
-        table = select_learning_rates(load_runs(folder))
+        table = select_learning_rates(load_runs(folder)[0])
         runs[precision] = table.set_index("key")
         best[precision] = best_configs(headline_table(expand_shared(table))).set_index(
             ["task", "train_size", "method_name"])

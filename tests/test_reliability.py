@@ -81,7 +81,7 @@ def test_corrupt_training_checkpoint_is_a_clear_error(tmp_path):
     (ckpt / "latest.json").write_text('{"folder": "step-000005", "step": 5}')
     (ckpt / "step-000005" / "state.json").write_text("{}")
     (ckpt / "step-000005" / "trainable.safetensors").write_bytes(b"\x01\x02garbage")
-    with pytest.raises(PeftlabError, match="unreadable checkpoint .* delete the checkpoints"):
+    with pytest.raises(PeftlabError, match="checkpoints: unreadable checkpoint .*SafetensorError"):
         load_checkpoint(tmp_path)
 
 
@@ -96,9 +96,9 @@ def test_a_diverging_run_does_not_stop_the_study_and_the_report_says_so(tmp_path
     }
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(study))
-    code, out = cli("run", str(path), "--out", str(tmp_path / "s"), "--quiet")
+    code, out = cli("run", str(path), "--out", str(tmp_path / "s"), "--quiet", "--workers", "1")
     assert code == 0, out
-    assert '"diverged": 1' in out and '"completed": 1' in out
+    assert "1 diverged" in out and "1 completed" in out
     md = (tmp_path / "s" / "report" / "report.md").read_text()
     assert "1 runs diverged: sst2/full/n16/lr1e+30/seed0" in md
 

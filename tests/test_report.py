@@ -1,6 +1,5 @@
 """Report logic on hand-made run folders with known numbers, and statistics against scipy."""
 
-import json
 
 import numpy as np
 import pytest
@@ -67,7 +66,7 @@ def study(tmp_path):
 
 
 def test_learning_rate_is_chosen_on_validation_not_test(study):
-    runs = select_learning_rates(load_runs(study))
+    runs = select_learning_rates(load_runs(study)[0])
     lora = runs[runs.label == "lora"]
     assert set(lora[lora.selected].learning_rate) == {1e-3}
     assert runs[runs.label == "untuned"].selected.all()
@@ -131,11 +130,15 @@ def test_report_without_runs_is_a_clear_error(tmp_path):
         write_report(tmp_path)
 
 
-def test_grid_json_names_missing_runs(study):
-    write_json(study / "grid.json", [{"key": "sst2/lora/n64/lr0.001/seed9"}])
+def test_grid_json_names_missing_runs_and_leaves_out_runs_it_does_not_have(study):
+    keys = [str(p.parent.relative_to(study)) for p in study.rglob("summary.json")]
+    grid = [k for k in keys if "lr0.01/" not in k] + ["sst2/lora/n64/lr0.001/seed9"]
+    write_json(study / "grid.json", [{"key": k} for k in grid])
     md = write_report(study)["markdown"].read_text()
     assert "1 runs of the grid have no result yet" in md
-    assert json.loads((study / "grid.json").read_text())
+    # runs of an earlier version of the study (here lr 0.01) are not reported, and said so
+    assert "3 run folders left out: sst2/lora/n64/lr0.01/seed0: not in the study's grid" in md
+    assert "lr0.01/seed0 | completed" not in md
 
 
 def test_a_study_whose_runs_all_failed_gets_a_clear_error(tmp_path):

@@ -100,4 +100,4 @@ def test_a_different_config_in_an_unfinished_run_folder_is_refused(tmp_path):
     kill_after_checkpoint(command(tmp_path, "r"), tmp_path / "r", 5)
     other = subprocess.run(command(tmp_path, "r", seed=5), capture_output=True, text=True)
     assert other.returncode == 2
-    assert "different config (changed: seed)" in " ".join(other.stderr.split())
+    assert "different config (seed: 0 -> 5)" in " ".join(other.stderr.split())

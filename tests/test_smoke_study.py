@@ -39,7 +39,7 @@ def smoke(tmp_path_factory):
     out = folder / "study"
     result = runner.invoke(app, ["run", str(folder / "mini.yaml"), "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
-    assert f'{{"completed": {sum(RUNS.values())}}}' in result.output
+    assert f"study {out}: {sum(RUNS.values())} completed" in result.output
     return out
 
 

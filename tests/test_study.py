@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,8 @@ from typer.testing import CliRunner
 from peftlab.cli import app
 from peftlab.errors import ConfigError
 from peftlab.files import read_jsonl
-from peftlab.study import expand, load_study, pending, run_lock
+from peftlab.locks import run_lock
+from peftlab.study import expand, load_study, pending
 
 runner = CliRunner()
 
@@ -116,24 +118,27 @@ def test_two_runners_on_one_study_never_run_a_cell_twice(tmp_path):
                               stderr=subprocess.DEVNULL, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs
-    counts = [json.loads(o.split("study ")[-1].split(": ", 1)[1].splitlines()[0]) for o in outputs]
-    assert sum(c.get("completed", 0) for c in counts) == 9, counts  # each cell ran once
+    completed = [re.search(r"study .*: .*?(\d+) completed", o) for o in outputs]
+    assert sum(int(m.group(1)) for m in completed if m) == 9, outputs  # each cell ran once
     assert len(statuses(out)) == 9
 
 
-def test_a_stale_lock_from_a_dead_process_is_taken_over(tmp_path):
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
+def test_a_lock_dies_with_its_holder_and_a_live_one_is_respected(tmp_path):
+    """flock: the kernel drops the lock when its holder dies, whatever its pid becomes."""
     run_dir = tmp_path / "r"
-    run_dir.mkdir()
-    import socket
-
-    (run_dir / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
-    with run_lock(run_dir) as held:
-        assert held
-    (run_dir / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
-    with run_lock(run_dir) as held:
-        assert not held  # a live holder is respected
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from peftlab.locks import run_lock\n"
+        "with run_lock(Path(sys.argv[1])) as h:\n"
+        "    assert h is None; print('held', flush=True); time.sleep(60)"), str(run_dir)],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with run_lock(run_dir) as other:
+        assert other is not None and other["pid"] == holder.pid  # a live holder, named
+    holder.kill()
+    holder.wait()
+    with run_lock(run_dir) as other:
+        assert other is None  # taken over at once: no stale file to judge
+    assert not (run_dir / ".lock").exists()
 
 
 def test_failed_runs_are_recorded_and_can_be_retried(tmp_path):
@@ -175,3 +180,102 @@ def test_worker_processes_run_the_grid(tmp_path):
                {"method": "ln", "learning_rates": [3e-3]}]
     assert run_two_cells(tmp_path, methods, [0], "--workers", "2") == {
         "sst2/lora/n16/lr0.001/seed0": "completed", "sst2/ln/n16/lr0.003/seed0": "completed"}
+
+
+def _children(pid: int) -> list[int]:
+    """Worker processes (spawned by multiprocessing) whose parent is `pid`."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_workers_die_with_the_main_process(tmp_path):
+    """kill -9 of `peftlab run --workers 2`: its workers must not run the queue on alone."""
+    study = dict(TINY, base={**TINY["base"], "max_steps": 400, "eval_every": 100},
+                 methods=[{"method": "ln", "learning_rates": [3e-3]}], seeds=[0, 1, 2, 3])
+    proc = subprocess.Popen(study_cmd(write_study(tmp_path, study), tmp_path / "s", "--workers",
+                                      "2"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    workers: list[int] = []
+    while time.time() < deadline and len(workers) < 2:
+        workers = _children(proc.pid)
+        time.sleep(0.2)
+    assert len(workers) == 2, "the workers did not start"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline and any(_alive(w) for w in workers):
+        time.sleep(0.2)
+    survivors = [w for w in workers if _alive(w)]
+    for w in survivors:
+        os.kill(w, signal.SIGKILL)
+    assert not survivors, "workers outlived the main process"
+
+
+def test_results_do_not_depend_on_the_number_of_workers(tmp_path):
+    """Every run gets the same CPU thread count (cpu_threads, 1 per run in a study) whether
+    it shares the machine with another or not: the same numbers, to the bit."""
+    methods = [{"method": "lora", "learning_rates": [1e-3]}, {"method": "ln", "learning_rates": [3e-3]}]
+    study = dict(TINY, methods=methods, seeds=[0])
+    folders = {}
+    for n in (1, 2):
+        out = tmp_path / f"w{n}"
+        done = subprocess.run(study_cmd(write_study(tmp_path, study), out, "--workers", str(n)),
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        folders[n] = out
+    timing = ("elapsed_s", "examples_per_s", "eval_s")
+    for cell in ("sst2/lora/n16/lr0.001/seed0", "sst2/ln/n16/lr0.003/seed0"):
+        a, b = (folders[n] / cell for n in (1, 2))
+        rows = [[{k: v for k, v in r.items() if k not in timing} for r in read_jsonl(f / "metrics.jsonl")]
+                for f in (a, b)]
+        assert rows[0] == rows[1], cell
+        assert (a / "adapter.safetensors").read_bytes() == (b / "adapter.safetensors").read_bytes()
+        assert yaml.safe_load((a / "config.yaml").read_text())["cpu_threads"] == 1
+
+
+def test_ray_cluster_started_apart_with_a_relative_out_from_another_folder(tmp_path):
+    """A cluster started as its own process (`ray start --head`) in another folder, without
+    PEFTLAB_DATA_DIR: the runs land under the driver's relative --out and find the data."""
+    pytest.importorskip("ray")
+    ray_bin = Path(sys.executable).parent / "ray"
+    env = {k: v for k, v in os.environ.items() if k != "PEFTLAB_DATA_DIR"}
+    (tmp_path / "cluster").mkdir()
+    port = 6300 + os.getpid() % 500
+    started = subprocess.run([str(ray_bin), "start", "--head", f"--port={port}", "--num-cpus=2",
+                              "--include-dashboard=false", "--disable-usage-stats"],
+                             cwd=tmp_path / "cluster", env=env, capture_output=True, text=True,
+                             timeout=120)
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        driver = tmp_path / "driver"
+        driver.mkdir()
+        study = dict(TINY, methods=[{"method": "ln", "learning_rates": [3e-3]}])
+        command = [sys.executable, "-m", "peftlab", "run", str(write_study(tmp_path, study)),
+                   "--out", "relstudy", "--backend", "ray", "--address", "auto",
+                   "--quiet"]
+        first = subprocess.run(command, cwd=driver, capture_output=True, text=True, timeout=600)
+        assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+        assert statuses(driver / "relstudy") == {
+            "sst2/ln/n16/lr0.003/seed0": "completed", "sst2/ln/n16/lr0.003/seed1": "completed"}
+        assert (driver / "relstudy" / "report" / "report.md").is_file()
+        assert not list((tmp_path / "cluster").rglob("summary.json"))
+        second = subprocess.run(command, cwd=driver, capture_output=True, text=True, timeout=600)
+        assert second.returncode == 0 and "nothing to run" in second.stdout, second.stdout
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)

@@ -477,9 +477,11 @@ def measure_grid(runs_per_gpu: int, n_runs: int, model: str = MODEL,
     cells = [Cell(f"seed{i}", resolve_run_config({
         "model": model, "task": "sst2", "method": "lora", "seed": i, "train_size": 1000,
         **CELL, "max_steps": max_steps, "eval_every": max(1, max_steps // 4),
+        "cpu_threads": threads_per_worker(runs_per_gpu),
         "output_dir": str(root / f"seed{i}")}), {"seed": i}) for i in range(n_runs)]
     start = time.perf_counter()
-    counts = execute(cells, workers=runs_per_gpu, runs_per_gpu=runs_per_gpu, progress=False)
+    counts = execute(cells, workers=runs_per_gpu, runs_per_gpu=runs_per_gpu,
+                     progress=False).counts
     seconds = time.perf_counter() - start
     cuda = gpu_count() > 0
     return {"runs": n_runs, "max_steps": max_steps, "seconds": seconds,

@@ -12,7 +12,6 @@ with the step, the scheduler, the best step and metrics, and the early-stopping 
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +19,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from peftlab.errors import PeftlabError
+from peftlab.errors import CheckpointError
 from peftlab.files import save_tensors, write_json
-
-CHECKPOINTS = "checkpoints"
-POINTER = "latest.json"
+from peftlab.records import CHECKPOINT_DIR, CHECKPOINTS, remove_checkpoint_step
+from peftlab.records import CHECKPOINT_POINTER as POINTER
 
 
 @dataclass
@@ -63,7 +61,7 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> None:
     root = run_dir / CHECKPOINTS
     folder = root / f"step-{ckpt.step:06d}"
     if folder.exists():
-        shutil.rmtree(folder)
+        remove_checkpoint_step(folder)
     opt_tensors, opt_plain = _split_optimizer(ckpt.optimizer)
     save_tensors(folder / "trainable.safetensors", ckpt.trainable)
     save_tensors(folder / "optimizer.safetensors", opt_tensors)
@@ -72,8 +70,8 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> None:
     write_json(folder / "state.json", {"step": ckpt.step, "optimizer": opt_plain, **ckpt.meta})
     write_json(root / POINTER, {"folder": folder.name, "step": ckpt.step})
     for old in root.glob("step-*"):
-        if old.name != folder.name:
-            shutil.rmtree(old, ignore_errors=True)
+        if old.name != folder.name and CHECKPOINT_DIR.fullmatch(old.name):
+            remove_checkpoint_step(old)
 
 
 def load_checkpoint(run_dir: Path) -> Checkpoint | None:
@@ -82,23 +80,21 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
     if not pointer.is_file():
         return None
     try:
-        folder = run_dir / CHECKPOINTS / json.loads(pointer.read_text())["folder"]
+        name = json.loads(pointer.read_text())["folder"]
+        # only a checkpoint folder of this run: a pointer is never followed elsewhere
+        if not isinstance(name, str) or not CHECKPOINT_DIR.fullmatch(name):
+            raise ValueError(f"`folder` {name!r} is not a checkpoint folder of this run")
+        folder = run_dir / CHECKPOINTS / name
         meta = json.loads((folder / "state.json").read_text())
         tensors = {name: load_file(str(folder / f"{name}.safetensors"))
                    for name in ("trainable", "optimizer", "best", "rng")}
+        step = int(meta.pop("step"))
+        optimizer = _join_optimizer(tensors["optimizer"], meta.pop("optimizer"))
     except Exception as e:  # safetensors raises its own error type for a corrupt header
-        raise PeftlabError(
-            f"{pointer.parent}: unreadable checkpoint ({type(e).__name__}: {e}); delete the "
-            "checkpoints folder to restart the run from step 0"
+        raise CheckpointError(
+            f"{pointer.parent}: unreadable checkpoint ({type(e).__name__}: {e})"
         ) from None
-    step = meta.pop("step")
-    optimizer = _join_optimizer(tensors["optimizer"], meta.pop("optimizer"))
     return Checkpoint(step, tensors["trainable"], optimizer, tensors["best"], tensors["rng"], meta)
-
-
-def remove_checkpoints(run_dir: Path) -> None:
-    """A finished run keeps only its selected state (adapter.safetensors)."""
-    shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
 
 
 def rng_state() -> dict[str, torch.Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from peftlab.errors import PeftlabError, describe_os_error
+from peftlab.errors import STORAGE_ERRNOS, PeftlabError, describe_os_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="peftlab: compare ways of adapting small seq2seq models, honestly.")
@@ -23,6 +24,12 @@ _state = {"debug": False}
 @app.callback()
 def main(debug: Annotated[bool, typer.Option(help="show tracebacks for errors")] = False) -> None:
     _state["debug"] = debug
+    log = logging.getLogger("peftlab")  # warnings and progress lines from the library
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
 
 
 def _guarded(fn: Callable[[], Any]) -> Any:
@@ -31,7 +38,9 @@ def _guarded(fn: Callable[[], Any]) -> Any:
     except (PeftlabError, OSError) as e:
         if _state["debug"]:
             raise
-        message = describe_os_error(e) if isinstance(e, OSError) else str(e)
+        # a storage fault names its file; other OS errors (a refused connection) as they are
+        storage = isinstance(e, OSError) and (e.filename or e.errno in STORAGE_ERRNOS)
+        message = describe_os_error(e) if storage else str(e)
         err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
@@ -68,12 +77,17 @@ def run_cmd(
     study_file: Annotated[Path | None, typer.Argument(help="study YAML")] = None,
     preset: Annotated[str | None, typer.Option(help="a built-in study: smoke, seed-study")] = None,
     out: Annotated[Path | None, typer.Option(help="study folder (default studies/NAME)")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="runs in parallel (processes)")] = 1,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="runs in parallel (processes); default: runs-per-gpu per GPU, or on CPU "
+        "as many as the CPUs hold at each run's cpu_threads")] = None,
     runs_per_gpu: Annotated[int, typer.Option(min=1, help="runs sharing one GPU")] = 1,
     backend: Annotated[str, typer.Option(help="local or ray")] = "local",
     address: Annotated[str | None, typer.Option(help="Ray cluster address; none: local")] = None,
     dry_run: Annotated[bool, typer.Option(help="print the grid and its cost, run nothing")] = False,
     retry_failed: Annotated[bool, typer.Option(help="run failed runs again")] = False,
+    rerun_changed: Annotated[bool, typer.Option(
+        help="run again the cells whose finished runs used other settings than the study "
+        "file now gives (their old results are deleted)")] = False,
     report: Annotated[bool, typer.Option(help="write the report when the grid is done")] = True,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
@@ -84,32 +98,38 @@ def run_cmd(
         err_console.print(f"[bold red]error:[/] --backend must be local or ray, got {backend!r}")
         raise typer.Exit(2)
 
-    def go() -> tuple[Path, dict[str, int] | None]:
+    def go() -> tuple[Path, Any]:
         config = st.load_study(study_file, preset)
         folder = out or Path("studies") / config.name
         cells = st.expand(config, folder)
-        todo = st.pending(cells, retry_failed)
-        console.print(st.describe(cells, todo), highlight=False)
+        plan = st.plan(cells, retry_failed, rerun_changed)
+        for message in plan.messages():
+            err_console.print(message, highlight=False, soft_wrap=True)
+        console.print(st.describe(cells, plan.todo), highlight=False)
         if dry_run:
             return folder, None
+        st.apply(plan)
+        st.clean_finished(cells)
         st.write_study_files(config, cells, folder)
-        n_workers = workers
-        if runs_per_gpu > 1 and workers == 1:
-            n_workers = max(1, st.gpu_count()) * runs_per_gpu
-        counts = st.execute(todo, n_workers, backend, address, runs_per_gpu, progress=not quiet)
-        return folder, counts
+        n_workers = workers or st.default_workers(plan.todo, runs_per_gpu)
+        if len(plan.todo) > 1 and backend == "local":
+            console.print(f"{len(plan.todo)} runs, {n_workers} at a time", highlight=False)
+        return folder, st.execute(plan.todo, n_workers, backend, address, runs_per_gpu,
+                                  progress=not quiet)
 
-    folder, counts = _guarded(go)
-    if counts is None:
+    folder, outcome = _guarded(go)
+    if outcome is None:
         return
-    console.print(f"study {folder}: {json.dumps(counts)}", soft_wrap=True, highlight=False)
+    summary = ", ".join(f"{n} {status}" for status, n in outcome.counts.items()) or "nothing to run"
+    console.print(f"study {folder}: {summary}", soft_wrap=True, highlight=False)
+    if outcome.locked:
+        console.print(f"{len(outcome.locked)} cells are held by other processes, not run here: "
+                      + "; ".join(outcome.locked[:10]), soft_wrap=True, highlight=False)
     if report:
         from peftlab.report import write_report
 
         paths = _guarded(lambda: write_report(folder))
         console.print(f"report: {paths['html']}", soft_wrap=True, highlight=False)
-    if counts.get("locked"):
-        console.print(f"{counts['locked']} runs are being run by another process")
 
 
 @app.command("report")

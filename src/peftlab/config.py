@@ -7,6 +7,7 @@ so that the `config.yaml` written beside every run is the complete, resolved con
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,6 +74,11 @@ class RunConfig(BaseModel):
         False, description="classification: also generate at each evaluation (test always does)"
     )
     selection_metric: str | None = Field(None, description="None: the task's primary metric")
+    cpu_threads: int | None = Field(
+        None, ge=1, description="CPU threads of this run's kernels, part of the config because "
+        "the thread count changes floating-point sums (results would depend on how many runs "
+        "share the machine). None: every CPU for `peftlab train`; 1 per run in a study"
+    )
     output_dir: str = "runs/run"
 
     @field_validator("train_size", "val_size", "test_size")
@@ -110,13 +116,35 @@ def apply_sets(raw: dict[str, Any], sets: list[str]) -> dict[str, Any]:
     return raw
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently: `max_steps: 3` then `max_steps: 1` ran 1 step)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    first: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if key in first:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first given on line {first[key] + 1})",
+                key_node.start_mark)
+        first[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """Read a YAML file that must hold a mapping; errors name the file and line."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except yaml.YAMLError as e:
@@ -194,7 +222,43 @@ def resolve_run_config(raw: dict[str, Any]) -> RunConfig:
                           f"{sorted(valid)}{did_you_mean(updates['selection_metric'], valid)}")
     if cfg.tokenizer is None:
         updates["tokenizer"] = default_tokenizer_for(cfg.model)
+    if cfg.cpu_threads is None:
+        updates["cpu_threads"] = os.cpu_count() or 1
+    # Every path absolute: a run may be carried out elsewhere (a Ray worker started in another
+    # folder) and its record must say which files it used.
+    updates["output_dir"] = os.path.abspath(cfg.output_dir)
+    for key in ("model", "tokenizer"):
+        value = updates.get(key, getattr(cfg, key))
+        if value and Path(value).exists():
+            updates[key] = os.path.abspath(value)
+    absolute = getattr(task, "absolute_paths", None)
+    if absolute is not None:
+        updates["task_args"] = absolute(task_args).model_dump()
     return cfg.model_copy(update=updates)
+
+
+# Where a run's files are, not what it computes: a study moved to another folder, or data
+# reached by another path, is the same study.
+LOCATION_KEYS = ("output_dir", "task_args.data_dir")
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for every setting that differs (locations aside)."""
+    a, b = _flat(previous), _flat(current)
+    missing = object()
+    return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"
+            for k in sorted(set(a) | set(b))
+            if k not in LOCATION_KEYS and a.get(k, missing) != b.get(k, missing)]
 
 
 _TASK_METRICS = {

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import difflib
+import errno
 from collections.abc import Iterable
+
+# full disk, read-only or forbidden folder, quota: every later write would fail the same way
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT}
 
 
 class PeftlabError(Exception):
@@ -16,6 +20,10 @@ class ConfigError(PeftlabError):
 
 class DataError(PeftlabError):
     """A data file is missing or malformed; the message names the file and line."""
+
+
+class CheckpointError(PeftlabError):
+    """A training checkpoint cannot be resumed from (unreadable, or not this run's)."""
 
 
 class ModelLoadError(PeftlabError):

@@ -11,11 +11,14 @@ Every file is written atomically.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
+import os
 import platform
-import shutil
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +26,33 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from peftlab import __version__
-from peftlab.checkpoint import CHECKPOINTS, Checkpoint, load_checkpoint, remove_checkpoints, save_checkpoint
-from peftlab.config import RunConfig, read_yaml_mapping
+from peftlab.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from peftlab.config import RunConfig, config_changes, read_yaml_mapping
 from peftlab.data import Features, tokenize
-from peftlab.errors import PeftlabError
+from peftlab.errors import CheckpointError, PeftlabError
 from peftlab.evaluate import EvalResult, EvalSettings, evaluate_model, evaluate_predictions
-from peftlab.files import read_jsonl, save_tensors, write_json, write_jsonl, write_yaml
+from peftlab.files import save_tensors, write_json, write_jsonl, write_yaml
+from peftlab.locks import describe_holder, run_lock
 from peftlab.memory import PeakMemory
 from peftlab.methods import Baseline, Method, MethodContext, get_method
 from peftlab.models import count_parameters, default_tokenizer_for, load_model, load_tokenizer
+from peftlab.records import (
+    ADAPTER,
+    CHECKPOINTS,
+    CONFIG,
+    METRICS,
+    PREDICTIONS,
+    SUMMARY,
+    read_jsonl_checked,
+    remove_checkpoints,
+    remove_run_files,
+    temporaries,
+)
 from peftlab.tasks import ClassificationTask, Splits, Task, build_task, prepare_splits
 from peftlab.train import train
 
-ADAPTER_FILE = "adapter.safetensors"
+ADAPTER_FILE = ADAPTER
+log = logging.getLogger("peftlab")
 
 
 def resolve_device(cfg: RunConfig) -> torch.device:
@@ -113,11 +130,15 @@ class Setup:
     base_params: int = 0
     device: torch.device = torch.device("cpu")
     bf16: bool = False  # training
+    _features: dict[str, Features] = field(default_factory=dict)
 
     def features(self, split: str) -> Features:
-        examples = getattr(self.splits, split)
-        return tokenize(self.tokenizer, examples, self.cfg.max_source_length,
-                        self.cfg.max_target_length)
+        """The split tokenised (once)."""
+        if split not in self._features:
+            self._features[split] = tokenize(self.tokenizer, getattr(self.splits, split),
+                                             self.cfg.max_source_length,
+                                             self.cfg.max_target_length)
+        return self._features[split]
 
     def eval_settings(self, split: str, progress: bool) -> EvalSettings:
         return EvalSettings(self.cfg.eval_batch_size, self.cfg.max_new_tokens, self.cfg.num_beams,
@@ -165,6 +186,43 @@ def setup(cfg: RunConfig, for_inference: bool = False) -> Setup:
     return s
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes this process could still allocate: free GPU memory, or MemAvailable (Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_attention_memory(s: Setup) -> None:
+    """Refuse, before allocating, a run whose attention scores cannot fit: they grow with the
+    square of the longest input, and `max_source_length: 100000` on SAMSum ended in an
+    out-of-memory traceback (or, on Linux, the kernel killing the process with no message).
+    A lower bound: scores, softmax and dropout mask of every encoder layer of the largest
+    batch while training (eval_batch_size, one layer at a time, when evaluating)."""
+    if s.model is None:
+        return
+    config = s.model.config
+    heads = getattr(config, "num_heads", None) or getattr(config, "encoder_attention_heads", 1)
+    layers = getattr(config, "num_layers", None) or getattr(config, "encoder_layers", 1)
+    longest = max(max((len(x) for x in s.features(split).input_ids), default=0)
+                  for split in ("train", "validation", "test"))
+    per_matrix = heads * longest ** 2 * 4 * 3
+    needed = max(s.cfg.batch_size * per_matrix * layers, s.cfg.eval_batch_size * per_matrix)
+    free = available_memory(s.device)
+    if free is not None and needed > free:
+        raise PeftlabError(
+            f"the longest input is {longest:,} tokens (`max_source_length` "
+            f"{s.cfg.max_source_length:,}): its attention scores alone need about "
+            f"{needed / 2**30:.1f} GiB, and {free / 2**30:.1f} GiB is free. Lower "
+            "`max_source_length`, `batch_size` or `eval_batch_size`.")
+
+
 def check_label_tokens(task: Task, tokenizer: PreTrainedTokenizerBase) -> None:
     """Rank classification cannot tell apart label words that tokenize the same."""
     if not isinstance(task, ClassificationTask):
@@ -192,48 +250,70 @@ def parameter_counts(s: Setup) -> dict[str, Any]:
             "trainable_percent": 100.0 * trainable / total}
 
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", ADAPTER_FILE, "predictions", "eval",
-             CHECKPOINTS)
-
-
-def prepare_output(cfg: RunConfig, overwrite: bool) -> tuple[Checkpoint | None, list[dict]]:
-    """Decide between a fresh start and a resume; refuse to mix two different runs."""
+def prepare_output(cfg: RunConfig, overwrite: bool) -> tuple[Checkpoint | None, list[dict],
+                                                            list[str]]:
+    """Decide between a fresh start and a resume; refuse to mix two different runs.
+    Returns the checkpoint to resume from, the metrics rows it covers, and notes (a
+    checkpoint that could not be used, and was discarded)."""
     out = Path(cfg.output_dir)
+    for tmp in temporaries(out):  # left by a process killed mid-write
+        tmp.unlink(missing_ok=True)
     if overwrite:
-        for name in RUN_FILES:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-    if (out / "summary.json").exists():
+        remove_run_files(out)
+    if (out / SUMMARY).exists():
         raise PeftlabError(f"{out} already holds a finished run (summary.json); choose another "
                            "output_dir or pass --overwrite")
-    if not (out / "config.yaml").is_file():
-        return None, []
-    previous, current = read_yaml_mapping(out / "config.yaml"), cfg.model_dump()
-    if previous != current:
-        changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
-        raise PeftlabError(f"{out} holds an unfinished run with a different config (changed: "
-                           f"{', '.join(changed)}); resume it unchanged or pass --overwrite")
-    ckpt = load_checkpoint(out)
+    if not (out / CONFIG).is_file():
+        return None, [], []
+    changed = config_changes(read_yaml_mapping(out / CONFIG), cfg.model_dump())
+    if changed:
+        raise PeftlabError(f"{out} holds an unfinished run with a different config ("
+                           f"{'; '.join(changed[:6])}); resume it unchanged or pass --overwrite")
+    try:
+        ckpt = load_checkpoint(out)
+        rows = read_jsonl_checked(out / METRICS) if (out / METRICS).is_file() else []
+    except PeftlabError as e:
+        remove_checkpoints(out)
+        return None, [], [f"{e}; discarded: the run started again from step 0"]
     done = ckpt.step if ckpt else -1
-    metrics = out / "metrics.jsonl"
-    rows = [r for r in read_jsonl(metrics) if r["step"] <= done] if metrics.is_file() else []
-    return ckpt, rows
+    return ckpt, [r for r in rows if r.get("step", math.inf) <= done], []
 
 
-def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
-    """Train one run into `cfg.output_dir` (resuming an unfinished one) and return its summary."""
+def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False,
+        locked: bool = False) -> dict[str, Any]:
+    """Train one run into `cfg.output_dir` (resuming an unfinished one) and return its summary.
+
+    The run folder's lock is held throughout (`locked`: the caller holds it already), so a
+    `peftlab train` and a study runner never write one run at the same time.
+    """
     out = Path(cfg.output_dir)
     started = time.perf_counter()
     memory = PeakMemory(resolve_device(cfg)).start()
+    torch.set_num_threads(cfg.cpu_threads or os.cpu_count() or 1)  # see RunConfig.cpu_threads
     s = setup(cfg)  # bad data or a bad model fails here, before anything is written
-    resume, rows = prepare_output(cfg, overwrite)
-    write_yaml(out / "config.yaml", cfg.model_dump())
+    check_attention_memory(s)
+    with contextlib.nullcontext() if locked else run_lock(out) as holder:
+        if holder is not None:
+            raise RunLockedError(f"{out} is being written by {describe_holder(holder)}; wait "
+                                 "for it, or choose another output_dir")
+        return _run_held(cfg, s, started, memory, progress, overwrite)
+
+
+class RunLockedError(PeftlabError):
+    """Another process holds the run folder's lock."""
+
+
+def _run_held(cfg: RunConfig, s: Setup, started: float, memory: PeakMemory, progress: bool,
+              overwrite: bool) -> dict[str, Any]:
+    out = Path(cfg.output_dir)
+    resume, rows, notes = prepare_output(cfg, overwrite)
+    write_yaml(out / CONFIG, cfg.model_dump())
     counts = parameter_counts(s)
     setup_s = time.perf_counter() - started
 
     def log_row(row: dict[str, Any]) -> None:
         rows.append(row)
-        write_jsonl(out / "metrics.jsonl", rows)
+        write_jsonl(out / METRICS, rows)
 
     summary: dict[str, Any] = {
         "status": "completed", "method": cfg.method, "task": cfg.task, "model": cfg.model,
@@ -249,18 +329,34 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> dict[
                  "eval_s": time.perf_counter() - began})
         best_step, best_val, state, extra = 0, val.metrics, {}, {}
     else:
-        val_features = s.features("validation")
-        outcome = train(
-            s.model, s.method, cfg, s.features("train"),
-            lambda: s.evaluate("validation", val_features, progress).metrics,
-            log_row, selection_of(cfg, s.task), s.device, s.bf16,
-            s.tokenizer.pad_token_id, progress,
-            resume=resume, save=lambda ckpt: save_checkpoint(out, ckpt),
-        )
+        def train_from(setup_: Setup, checkpoint: Checkpoint | None):
+            val_features = setup_.features("validation")
+            return train(
+                setup_.model, setup_.method, cfg, setup_.features("train"),
+                lambda: setup_.evaluate("validation", val_features, progress).metrics,
+                log_row, selection_of(cfg, setup_.task), setup_.device, setup_.bf16,
+                setup_.tokenizer.pad_token_id, progress,
+                resume=checkpoint, save=lambda ckpt: save_checkpoint(out, ckpt),
+            )
+
+        try:
+            outcome = train_from(s, resume)
+        except CheckpointError as e:
+            # a readable checkpoint that does not fit this run (a missing tensor, a wrong
+            # shape, a bad RNG state): start again from step 0, on a freshly built model
+            notes.append(f"{out / CHECKPOINTS}: {e}; discarded: the run started again from "
+                         "step 0")
+            remove_checkpoints(out)
+            rows.clear()
+            s = setup(cfg)
+            resume = None
+            outcome = train_from(s, None)
         best_step, best_val, state = outcome.best_step, outcome.best_val, outcome.best_state
         extra = {"status": outcome.status, "steps_done": outcome.steps_done,
                  "stopped_early": outcome.stopped_early}
         s.method.load_state(s.model, state)  # the selected checkpoint is the one tested
+    for note in notes:
+        log.warning(note)
     summary.update(extra)
     summary.update({"best_step": best_step, "selection_metric": selection_of(cfg, s.task)[0],
                     "val_metrics": best_val})
@@ -270,17 +366,18 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False) -> dict[
     began = time.perf_counter()
     test = s.evaluate("test", progress=progress)
     test_s = time.perf_counter() - began
-    write_jsonl(out / "predictions" / "test.jsonl", test.rows)
+    write_jsonl(out / PREDICTIONS, test.rows)
     summary.update({
         "test_metrics": test.metrics,
         "time_s": phase_seconds(rows, setup_s, test_s, trained=trains),
         "wall_time_s": time.perf_counter() - started + (resume.meta["elapsed_s"] if resume else 0),
         "peak_memory_mb": memory.peak_mb(), "peak_memory_kind": memory.kind,
-        "device": str(s.device), "bf16": s.bf16,
+        "device": str(s.device), "bf16": s.bf16, "cpu_threads": torch.get_num_threads(),
         "eval_bf16": {split: use_bf16_eval(cfg, split) for split in ("validation", "test")},
+        "notes": notes,
         **environment(),
     })
-    write_json(out / "summary.json", summary)  # last: its presence marks a finished run
+    write_json(out / SUMMARY, summary)  # last: its presence marks a finished run
     remove_checkpoints(out)
     return summary
 

@@ -8,30 +8,52 @@ next start skips finished runs and resumes unfinished ones from their checkpoint
 
 from __future__ import annotations
 
-import errno
 import itertools
-import json
 import os
-import socket
+import re
+import threading
 import time
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from peftlab.config import RunConfig, format_validation_error, read_yaml_mapping
-from peftlab.errors import ConfigError, PeftlabError, unknown_name
+from peftlab.config import RunConfig, config_changes, format_validation_error, read_yaml_mapping
+from peftlab.errors import STORAGE_ERRNOS, ConfigError, PeftlabError, describe_os_error, unknown_name
 from peftlab.files import write_json, write_yaml
+from peftlab.locks import describe_holder, run_lock
+from peftlab.records import (
+    CELL_FILE,
+    CONFIG,
+    SUMMARY,
+    quarantine,
+    read_json,
+    record_problem,
+    remove_run_files,
+    temporaries,
+)
 
 SHORT_KNOBS = {"num_virtual_tokens": "n", "num_prefix_tokens": "n"}  # labels: prompt-n20, lora-r8
-CELL_FILE = "study_cell.json"  # written into each run folder: the report reads labels from it
-LOCK_FILE = ".lock"
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT}
+# a label or task name becomes one folder name: letters, digits and . _ + = - only, not
+# starting with a dot (no `..`, no `/`: nothing a study builds may leave its folder)
+SAFE_NAME = re.compile(r"[A-Za-z0-9_+=-][A-Za-z0-9._+=-]*")
+
+
+def _unique(values: list, what: str) -> list:
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"{what} {', '.join(repeated)} given more than once")
+    return values
+
+
+def _safe_name(value: str, what: str) -> str:
+    if not SAFE_NAME.fullmatch(value):
+        raise ValueError(f"{what} {value!r} is not a plain folder name (letters, digits, "
+                         "'.', '_', '+', '=', '-'; no '/' or leading '.')")
+    return value
 
 
 class MethodSpec(BaseModel):
@@ -49,15 +71,24 @@ class MethodSpec(BaseModel):
     learning_rates: list[float] | None = Field(None, description="None: the method's default")
     overrides: dict[str, Any] = Field(default_factory=dict, description="other run settings")
 
+    @field_validator("label", "size_label")
+    @classmethod
+    def _plain(cls, v: str | None) -> str | None:
+        return None if v is None else _safe_name(v, "the name") if v else v
+
     @model_validator(mode="after")
     def _check(self) -> MethodSpec:
         lengths = {len(v) for v in self.sizes.values()}
         if len(lengths) > 1:
             raise ValueError("all `sizes` lists must have the same length (they are zipped)")
+        if self.sizes:
+            _unique(next(iter(self.sizes.values())), "sizes: the value")
         if self.learning_rates is not None and (
             not self.learning_rates or any(lr <= 0 for lr in self.learning_rates)
         ):
             raise ValueError("`learning_rates` must be positive numbers")
+        if self.learning_rates:
+            _unique(self.learning_rates, "learning_rates: the rate")
         return self
 
     @property
@@ -73,6 +104,28 @@ class StudyConfig(BaseModel):
     methods: list[MethodSpec] = Field(min_length=1)
     train_sizes: list[int | Literal["all"]] = Field(min_length=1)
     seeds: list[int] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        return _safe_name(v, "the study name")
+
+    @field_validator("tasks")
+    @classmethod
+    def _plain_tasks(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name in v:
+            _safe_name(name, "the task name")
+        return v
+
+    @field_validator("train_sizes")
+    @classmethod
+    def _unique_sizes(cls, v: list) -> list:
+        return _unique(v, "the train size")
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v: list[int]) -> list[int]:
+        return _unique(v, "the seed")
 
 
 @dataclass(frozen=True)
@@ -119,6 +172,9 @@ def expand(study: StudyConfig, study_dir: Path) -> list[Cell]:
 
     cells: list[Cell] = []
     seen: set[str] = set()
+    # absolute: a cell's config names its folder wherever it runs (a Ray worker's folder is
+    # not the driver's), and the same study reached by another path is the same study
+    study_dir = Path(os.path.abspath(study_dir))
     for task_name, task_settings in study.tasks.items():
         task_kind = build_task(task_name, task_settings.get("task_args", {})).kind
         for spec in study.methods:
@@ -146,11 +202,18 @@ def expand(study: StudyConfig, study_dir: Path) -> list[Cell]:
                 if depends_on_sample:
                     parts += [f"seed{seed}"]
                 key = "/".join(parts)
+                if not SAFE_NAME.fullmatch(label) or not (study_dir / key).resolve().is_relative_to(
+                        study_dir.resolve()):
+                    raise ConfigError(f"study cell {key}: the label {label!r} (from the method's "
+                                      "`label`, `size_label` or `sizes` values) is not a plain "
+                                      "folder name inside the study folder")
                 if key in seen:
                     raise ConfigError(f"two cells share the folder {key}: give the methods "
                                       "distinct `label`s")
                 seen.add(key)
-                raw = {**study.base, **task_settings, **spec.overrides,
+                # one CPU thread per run unless the study says otherwise: a run's result must
+                # not depend on how many runs share the machine (RunConfig.cpu_threads)
+                raw = {"cpu_threads": 1, **study.base, **task_settings, **spec.overrides,
                        "task": task_name, "method": spec.method,
                        "method_args": {**spec.method_args, **size_args},
                        "train_size": train_size, "seed": seed, "output_dir": str(study_dir / key)}
@@ -170,83 +233,137 @@ def expand(study: StudyConfig, study_dir: Path) -> list[Cell]:
     return cells
 
 
-# --- locks: one per run folder, so two runners never run the same cell -------------------
+# --- which cells run, and what the folder already holds --------------------------------
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+@dataclass
+class Plan:
+    """What a start of the study will do. Built by reading only; `apply` changes files."""
+
+    todo: list[Cell] = field(default_factory=list)
+    finished: int = 0
+    corrupt: list[tuple[Cell, str]] = field(default_factory=list)  # rerun: record unusable
+    changed: list[tuple[Cell, list[str]]] = field(default_factory=list)  # other settings
+    retried: list[Cell] = field(default_factory=list)  # failed, run again (--retry-failed)
+
+    def messages(self) -> list[str]:
+        out = [f"{problem}: the cell runs again" for _, problem in self.corrupt]
+        out += [f"{c.key}: finished with other settings ({'; '.join(d[:4])}): runs again "
+                "(--rerun-changed)" for c, d in self.changed]
+        return out
 
 
-@contextmanager
-def run_lock(run_dir: Path) -> Iterator[bool]:
-    """Yield True with the lock held, False if a live process holds it.
+def plan(cells: list[Cell], retry_failed: bool = False, rerun_changed: bool = False) -> Plan:
+    """Sort the grid's cells: finished (skipped), to run, corrupt records, changed settings.
 
-    A lock left by a dead process on this host is taken over. Locks from other hosts are
-    respected (a shared cluster folder): remove the `.lock` file by hand if that host is gone.
+    A cell whose folder holds a run made with other settings (an edited study file) is never
+    reused silently: without `rerun_changed` this is an error that names the cells and what
+    changed; with it, those cells run again.
     """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / LOCK_FILE
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text() or "{}")
-            except (OSError, ValueError):
-                holder = {}
-            stale = holder.get("host") == me["host"] and not _pid_alive(int(holder.get("pid", -1)))
-            if not holder or stale:
-                path.unlink(missing_ok=True)  # a dead process's lock, or a half-written one
-                continue
-            yield False
-            return
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        try:
-            yield True
-        finally:
-            path.unlink(missing_ok=True)
-        return
-    yield False
+    out = Plan()
+    for cell in cells:
+        folder = Path(cell.config.output_dir)
+        if not (folder / SUMMARY).exists():
+            diff = _changes(folder, cell)
+            if diff:
+                out.changed.append((cell, diff))
+            out.todo.append(cell)
+            continue
+        problem = record_problem(folder)
+        if problem:
+            out.corrupt.append((cell, problem))
+            out.todo.append(cell)
+            continue
+        diff = _changes(folder, cell)
+        if diff:
+            out.changed.append((cell, diff))
+            out.todo.append(cell)
+        elif retry_failed and read_json(folder / SUMMARY).get("status") == "failed":
+            out.retried.append(cell)
+            out.todo.append(cell)
+        else:
+            out.finished += 1
+    if out.changed and not rerun_changed:
+        shown = "; ".join(f"{c.key} ({', '.join(d[:3])})" for c, d in out.changed[:5])
+        more = f" and {len(out.changed) - 5} more" if len(out.changed) > 5 else ""
+        raise ConfigError(
+            f"{len(out.changed)} cells of this study folder were run with other settings than "
+            f"the study file gives now: {shown}{more}. Nothing was changed. Run them again with "
+            "--rerun-changed (their old results are deleted), or restore the study file.")
+    return out
+
+
+def _changes(folder: Path, cell: Cell) -> list[str]:
+    """How the run in `folder` was configured differently from `cell` (locations aside)."""
+    if not (folder / CONFIG).is_file():
+        return []
+    try:
+        previous = read_yaml_mapping(folder / CONFIG)
+    except ConfigError as e:
+        return [f"unreadable {CONFIG} ({e})"]
+    return config_changes(previous, cell.config.model_dump())
+
+
+def apply(p: Plan) -> None:
+    """Make the folders match the plan: corrupt records set aside, the run files of changed
+    and retried cells removed (a user's own files stay), leftovers of killed writes removed
+    from finished runs."""
+    for cell, _ in p.corrupt:
+        folder = Path(cell.config.output_dir)
+        for name in (SUMMARY, "metrics.jsonl", "predictions/test.jsonl"):
+            if (folder / name).is_file():
+                quarantine(folder / name)
+    for cell, _ in p.changed:
+        remove_run_files(Path(cell.config.output_dir))
+    for cell in p.retried:  # a failed run resumes from its last checkpoint, if it has one
+        (Path(cell.config.output_dir) / SUMMARY).unlink(missing_ok=True)
+
+
+def clean_finished(cells: list[Cell]) -> None:
+    """Temporary files a SIGKILL left in finished runs (those with no live writer)."""
+    for cell in cells:
+        folder = Path(cell.config.output_dir)
+        if (folder / SUMMARY).exists() and temporaries(folder):
+            with run_lock(folder) as holder:
+                if holder is None:
+                    for tmp in temporaries(folder):
+                        tmp.unlink(missing_ok=True)
+
+
+def pending(cells: list[Cell], retry_failed: bool) -> list[Cell]:
+    """Cells without a finished summary (failed ones too, with retry_failed); applies the plan."""
+    p = plan(cells, retry_failed)
+    apply(p)
+    return p.todo
 
 
 # --- running one cell, wherever it runs ----------------------------------------------------
 
-def run_cell(config: dict[str, Any], labels: dict[str, Any], threads: int | None = None,
-             progress: bool = False) -> str:
-    """Run one cell under its lock; record failures instead of raising. Returns the status."""
-    import torch
-
+def run_cell(config: dict[str, Any], labels: dict[str, Any], progress: bool = False) -> str:
+    """Run one cell under its lock; record failures instead of raising. Returns the status
+    ("locked: HOLDER" when another process holds the cell)."""
     from peftlab.run import run
 
-    if threads:
-        torch.set_num_threads(threads)
     cfg = RunConfig.model_validate(config)
     run_dir = Path(cfg.output_dir)
-    with run_lock(run_dir) as held:
-        if not held:
-            return "locked"
-        if (run_dir / "summary.json").exists():
+    with run_lock(run_dir) as holder:
+        if holder is not None:
+            return f"locked: {describe_holder(holder)}"
+        if (run_dir / SUMMARY).exists():
             return "skipped"  # another runner finished it since this one listed the grid
-        write_json(run_dir / CELL_FILE, labels)
         try:
-            return run(cfg, progress=progress)["status"]
+            write_json(run_dir / CELL_FILE, labels)
+            return run(cfg, progress=progress, locked=True)["status"]
         except OSError as e:
             if e.errno in STORAGE_ERRNOS:  # every later run would fail the same way: stop
-                raise
+                raise PeftlabError(f"the study stopped at cell {run_dir}: "
+                                   f"{describe_os_error(e)}") from None
             return _record_failure(run_dir, cfg, e)
         except Exception as e:  # noqa: BLE001 - a failed run is a result, not the end of a study
             return _record_failure(run_dir, cfg, e)
 
 
 def _record_failure(run_dir: Path, cfg: RunConfig, e: Exception) -> str:
-    write_json(run_dir / "summary.json", {
+    write_json(run_dir / SUMMARY, {
         "status": "failed", "method": cfg.method, "task": cfg.task,
         "train_size": cfg.train_size, "seed": cfg.seed, "learning_rate": cfg.learning_rate,
         "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=20),
@@ -254,33 +371,24 @@ def _record_failure(run_dir: Path, cfg: RunConfig, e: Exception) -> str:
     return "failed"
 
 
-def pending(cells: list[Cell], retry_failed: bool) -> list[Cell]:
-    """Cells without a finished summary (failed ones too, with retry_failed)."""
-    out = []
-    for cell in cells:
-        summary = Path(cell.config.output_dir) / "summary.json"
-        if summary.exists():
-            if not retry_failed or json.loads(summary.read_text()).get("status") != "failed":
-                continue
-            summary.unlink()
-        out.append(cell)
-    return out
-
-
 # --- running the grid ----------------------------------------------------------------------
 
-_WORKER: dict[str, Any] = {}
+def _exit_with_parent(parent: int) -> None:
+    """A worker's watchdog: when the study's main process is gone (killed with SIGKILL, say)
+    the worker is re-parented; it then exits at once instead of running the queue on alone.
+    Its run folder's lock dies with it (peftlab.locks), and its files are atomic."""
+    while True:
+        if os.getppid() != parent:
+            os._exit(3)
+        time.sleep(0.5)
 
 
-def _init_worker(gpu_queue: Any, threads: int) -> None:
-    """Pin a worker process to one GPU (several workers may share it) before torch starts."""
+def _init_worker(gpu_queue: Any, parent: int) -> None:
+    """Pin a worker process to one GPU (several workers may share it) before torch starts,
+    and tie its life to the main process."""
     if gpu_queue is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu_queue.get())
-    _WORKER["threads"] = threads
-
-
-def _worker_run(config: dict[str, Any], labels: dict[str, Any]) -> str:
-    return run_cell(config, labels, threads=_WORKER.get("threads"))
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
 
 def threads_per_worker(workers: int) -> int:
@@ -294,26 +402,46 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def default_workers(cells: list[Cell], runs_per_gpu: int) -> int:
+    """Runs at a time when --workers is not given: runs_per_gpu per GPU; on CPU as many as
+    the CPUs hold at the cells' own thread counts (1 each by default in a study)."""
+    gpus = gpu_count()
+    if gpus:
+        return gpus * runs_per_gpu
+    threads = max((c.config.cpu_threads or 1 for c in cells), default=1)
+    return max(1, min(len(cells), (os.cpu_count() or 1) // threads))
+
+
+@dataclass
+class Outcome:
+    counts: dict[str, int]
+    locked: list[str]  # "cell key: holder"
+
+
 def execute(cells: list[Cell], workers: int = 1, backend: Literal["local", "ray"] = "local",
             address: str | None = None, runs_per_gpu: int = 1,
-            progress: bool = True) -> dict[str, int]:
-    """Run the cells; returns how many ended in each status."""
+            progress: bool = True) -> Outcome:
+    """Run the cells; returns how many ended in each status, and the cells other processes
+    held."""
     from tqdm.auto import tqdm
 
     counts: dict[str, int] = {}
+    locked: list[str] = []
     bar = tqdm(total=len(cells), desc="study", unit="run", disable=not progress or None)
 
-    def done(status: str) -> None:
+    def done(cell: Cell, status: str) -> None:
+        if status.startswith("locked: "):
+            locked.append(f"{cell.key} ({status.removeprefix('locked: ')})")
+            status = "locked"
         counts[status] = counts.get(status, 0) + 1
         bar.update(1)
         bar.set_postfix(counts)
 
-    jobs = [(c.config.model_dump(), c.labels) for c in cells]
     if backend == "ray":
-        _execute_ray(jobs, address, runs_per_gpu, done)
+        _execute_ray(cells, address, runs_per_gpu, done)
     elif workers <= 1:
-        for config, labels in jobs:
-            done(run_cell(config, labels, progress=progress))
+        for cell in cells:
+            done(cell, run_cell(cell.config.model_dump(), cell.labels, progress=progress))
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -322,34 +450,44 @@ def execute(cells: list[Cell], workers: int = 1, backend: Literal["local", "ray"
         gpus = gpu_count()
         queue = None
         if gpus:
-            queue = ctx.Manager().Queue()
+            queue = ctx.Queue()  # handed over at spawn: no manager process to outlive us
             for i in range(workers):
                 queue.put(i % gpus)  # runs_per_gpu workers per GPU
-        threads = threads_per_worker(workers)
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(queue, threads)) as pool:
-            futures = [pool.submit(_worker_run, config, labels) for config, labels in jobs]
+                                 initargs=(queue, os.getpid())) as pool:
+            futures = {pool.submit(run_cell, c.config.model_dump(), c.labels): c for c in cells}
             for future in as_completed(futures):
-                done(future.result())
+                done(futures[future], future.result())
     bar.close()
-    return counts
+    return Outcome(counts, locked)
 
 
-def _execute_ray(jobs: list, address: str | None, runs_per_gpu: int, done: Any) -> None:
+# What a run reads from its environment: a Ray worker started elsewhere must see the same
+# (the data folder a config leaves to $PEFTLAB_DATA_DIR, offline switches, caches).
+FORWARDED_ENV = ("PEFTLAB_DATA_DIR", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE",
+                 "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HF_DATASETS_CACHE")
+
+
+def _execute_ray(cells: list[Cell], address: str | None, runs_per_gpu: int, done: Any) -> None:
     try:
         import ray
     except ImportError:
         raise PeftlabError("--backend ray needs Ray: pip install 'peftlab[ray]'") from None
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        env = {k: os.path.abspath(v) if k == "PEFTLAB_DATA_DIR" else v
+               for k in FORWARDED_ENV if (v := os.environ.get(k))}
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": env})
     gpus = ray.cluster_resources().get("GPU", 0)
-    remote = ray.remote(num_cpus=1, num_gpus=(1 / runs_per_gpu) if gpus else 0)(run_cell)
-    pending_refs = [remote.remote(config, labels, 1) for config, labels in jobs]
+    threads = max((c.config.cpu_threads or 1 for c in cells), default=1)
+    remote = ray.remote(num_cpus=threads, num_gpus=(1 / runs_per_gpu) if gpus else 0)(run_cell)
+    refs = {remote.remote(c.config.model_dump(), c.labels): c for c in cells}
+    pending_refs = list(refs)
     try:
         while pending_refs:
             ready, pending_refs = ray.wait(pending_refs, num_returns=1)
-            done(ray.get(ready[0]))
+            done(refs[ready[0]], ray.get(ready[0]))
     finally:
         if started_here:
             ray.shutdown()
@@ -361,6 +499,14 @@ def write_study_files(study: StudyConfig, cells: list[Cell], study_dir: Path) ->
     write_json(study_dir / "grid.json", [{"key": c.key, **c.labels} for c in cells])
 
 
+def _wall_time(cell: Cell) -> float | None:
+    try:
+        value = read_json(Path(cell.config.output_dir) / SUMMARY).get("wall_time_s")
+    except (PeftlabError, AttributeError):
+        return None
+    return value if isinstance(value, int | float) and value > 0 else None
+
+
 def describe(cells: list[Cell], todo: list[Cell]) -> str:
     """The --dry-run text: runs per task and method, steps, and a time estimate if possible."""
     lines = [f"{len(cells)} runs ({len(todo)} to run, {len(cells) - len(todo)} finished)"]
@@ -369,12 +515,11 @@ def describe(cells: list[Cell], todo: list[Cell]) -> str:
         by.setdefault((c.labels["task"], c.labels["method_name"]), []).append(c)
     total_steps = 0
     measured: dict[tuple[str, str], float] = {}
+    waiting = {c.key for c in todo}
     for (task, name), group in by.items():
         steps = sum(c.config.max_steps if c.labels["learning_rate"] else 0 for c in group)
         total_steps += steps
-        walls = [json.loads(p.read_text()).get("wall_time_s") for c in group
-                 if (p := Path(c.config.output_dir) / "summary.json").exists()]
-        walls = [w for w in walls if w]
+        walls = [w for c in group if c.key not in waiting and (w := _wall_time(c))]
         if walls:
             measured[(task, name)] = sum(walls) / len(walls)
         est = f", {measured[(task, name)]:.1f} s/run measured" if walls else ""

@@ -25,6 +25,7 @@ from peftlab.config import RunConfig
 from peftlab.data import IGNORE_INDEX, Features, training_batches
 from peftlab.denormals import flushed_denormals
 from peftlab.dropout import rand_mask_dropout
+from peftlab.errors import CheckpointError
 from peftlab.methods import Method
 
 
@@ -85,6 +86,43 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.T
     return step_loss
 
 
+def restore_checkpoint(ckpt: Checkpoint, named: list[tuple[str, nn.Parameter]],
+                       optimizer: torch.optim.Optimizer | None, scheduler: Any) -> None:
+    """Load a checkpoint into the run, after checking that it fits: every trainable tensor
+    present with its shape, optimizer state of the parameters' shapes, a usable RNG state.
+    What does not fit raises CheckpointError (the run then starts again from step 0)."""
+    def unfit(reason: str) -> CheckpointError:
+        return CheckpointError(f"the checkpoint at step {ckpt.step} does not fit this run: {reason}")
+
+    expected = {name: tuple(p.shape) for name, p in named}
+    found = {name: tuple(t.shape) for name, t in ckpt.trainable.items()}
+    if set(found) != set(expected):
+        missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        raise unfit(f"tensors missing {missing[:3]}, unexpected {extra[:3]}")
+    wrong = [n for n in expected if found[n] != expected[n]]
+    if wrong:
+        raise unfit(f"`{wrong[0]}` has shape {found[wrong[0]]}, the run's {expected[wrong[0]]}")
+    for index, state in ckpt.optimizer.get("state", {}).items():
+        for key, value in state.items():
+            if not (isinstance(index, int) and 0 <= index < len(named)):
+                raise unfit(f"optimizer state for parameter {index!r}, of {len(named)}")
+            shape = expected[named[index][0]]
+            if isinstance(value, torch.Tensor) and value.dim() and tuple(value.shape) != shape:
+                raise unfit(f"optimizer `{key}` of `{named[index][0]}` has shape "
+                            f"{tuple(value.shape)}, the parameter {shape}")
+    rng_before = rng_state()
+    try:
+        set_rng_state(ckpt.rng)
+        optimizer.load_state_dict(ckpt.optimizer)
+        scheduler.load_state_dict(ckpt.meta["scheduler"])
+    except (KeyError, IndexError, RuntimeError, TypeError, ValueError) as e:
+        set_rng_state(rng_before)
+        raise unfit(f"{type(e).__name__}: {e}") from None
+    with torch.no_grad():
+        for name, p in named:
+            p.copy_(ckpt.trainable[name])
+
+
 def is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
     if best is None or math.isnan(best):
         return not math.isnan(value)
@@ -135,12 +173,7 @@ def train(
         first_step, evals_without_gain = 1, 0
     else:
         # --- continue exactly where the checkpoint left off: weights, optimizer, schedule, RNG
-        with torch.no_grad():
-            for name, p in named:
-                p.copy_(resume.trainable[name])
-        optimizer.load_state_dict(resume.optimizer)
-        scheduler.load_state_dict(resume.meta["scheduler"])
-        set_rng_state(resume.rng)
+        restore_checkpoint(resume, named, optimizer, scheduler)
         start = time.perf_counter() - resume.meta["elapsed_s"]
         out = TrainOutcome("completed", resume.meta["best_step"], resume.meta["best_val"],
                            resume.best_state, steps_done=resume.step)

@@ -38,8 +38,14 @@ METRIC_LABELS = {
 }
 
 
-def metric_label(metric: str) -> str:
-    return METRIC_LABELS.get(metric, metric)
+SHORT_LABELS = {"accuracy": "accuracy (%)", "generation_exact_match": "exact match (%)",
+                "rougeLsum": "ROUGE-Lsum", "rougeL": "ROUGE-L", "rouge1": "ROUGE-1",
+                "rouge2": "ROUGE-2"}
+
+
+def metric_label(metric: str, short: bool = False) -> str:
+    """How tables (long) and figures (short) name a metric."""
+    return (SHORT_LABELS if short else METRIC_LABELS).get(metric, metric)
 
 
 def headline_table(view: pd.DataFrame) -> pd.DataFrame:
@@ -205,8 +211,8 @@ def _verdict(p: pd.Series) -> str:
 def _difference(p: pd.Series) -> str:
     if math.isnan(p.p_holm):
         return f"{p.difference:+.1f}, not tested"
-    return (f"{p.difference:+.1f} (95% CI [{p.ci_low:+.1f}, {p.ci_high:+.1f}], Holm-adjusted "
-            f"p = {p.p_holm:.2g}, {_verdict(p)})")
+    return (f"{p.difference:+.1f} (95% CI [{p.ci_low:+.1f}, {p.ci_high:+.1f}], unadjusted; "
+            f"Holm-adjusted p = {p.p_holm:.2g}, {_verdict(p)})")
 
 
 def _pair(sig: pd.DataFrame, task: str, size: Any, a: str, b: str) -> pd.Series | None:
@@ -342,6 +348,9 @@ def display_significance(sig: pd.DataFrame, best: pd.DataFrame, task: str) -> pd
             for role in ("best", "full", "untuned"):
                 ref = by_role.get(role)
                 header = f"vs {role}" + (f" ({ref})" if role == "best" and ref else "")
+                if role != "best" and ref is not None and ref == by_role.get("best"):
+                    row[header] = "= vs best"  # full fine-tuning is the best here
+                    continue
                 p = _pair(sig, t, size, m.label, ref) if ref and ref != m.label else None
                 if p is None:
                     row[header] = "—"
@@ -355,7 +364,8 @@ def display_significance(sig: pd.DataFrame, best: pd.DataFrame, task: str) -> pd
 def write_report(study_dir: str | Path) -> dict[str, Path]:
     """Read the run folders; write tables (CSV), figures (PNG, SVG), report.md, report.html."""
     study_dir = Path(study_dir)
-    runs = select_learning_rates(load_runs(study_dir))
+    loaded, left_out = load_runs(study_dir)
+    runs = select_learning_rates(loaded)
     view = expand_shared(runs)
     headline = headline_table(view)
     if headline.empty:
@@ -372,14 +382,17 @@ def write_report(study_dir: str | Path) -> dict[str, Path]:
     sections: list[tuple[str, str, pd.DataFrame, pd.DataFrame, list[Path]]] = []
     for task in sorted(headline.task.unique()):
         sizes = train_sizes(runs, task)
-        label = metric_label(headline[headline.task == task].metric.iloc[0])
+        metric = headline[headline.task == task].metric.iloc[0]
+        label, short = metric_label(metric), metric_label(metric, short=True)
         table = display_headline(headline, task, sizes)
-        figs = [figures.learning_curves(study_dir, view, best, task, s, fig_dir, colors, label)
+        figs = [figures.learning_curves(study_dir, view, best, task, s, fig_dir, colors, short)
                 for s in sizes]
-        figs += [figures.efficiency(headline, task, s, fig_dir, colors, label) for s in sizes]
-        figs.append(figures.data_scaling(best, task, fig_dir, colors, label))
+        figs += [figures.efficiency(headline, task, s, fig_dir, colors, short) for s in sizes]
+        figs.append(figures.data_scaling(best, task, fig_dir, colors, short))
         sections.append((task, label, table, display_significance(sig, best, task), figs))
     notes = findings(runs, best, sig, missing)
+    if left_out:
+        notes.append(f"{len(left_out)} run folders left out: " + "; ".join(left_out[:10]))
 
     out.mkdir(parents=True, exist_ok=True)
     runs.drop(columns=["error"]).to_csv(out / "runs.csv", index=False)
@@ -431,8 +444,10 @@ def _appendix(runs: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-SIGNIFICANCE_NOTE = ("Difference (this method minus the reference) [95% CI], Holm-adjusted "
-                     "p; **bold**: significant at 0.05.")
+SIGNIFICANCE_NOTE = ("Difference (this method minus the reference) [95% CI, not adjusted for "
+                     "the number of comparisons], Holm-adjusted p; **bold**: significant at "
+                     "0.05 after adjustment. A CI that excludes 0 with a Holm-adjusted p above "
+                     "0.05 is a difference the family of comparisons does not support.")
 
 
 def render_markdown(sections, runs, notes) -> str:

@@ -85,9 +85,11 @@ def learning_curves(study_dir: Path, runs: pd.DataFrame, best: pd.DataFrame, tas
             ax.plot(table.index, mean, color=color, label=name, marker="o", ms=3)
             ax.fill_between(table.index, mean - std, mean + std, color=color, alpha=0.15)
     ax_loss.set(xlabel="optimizer step", ylabel="training loss (token mean)",
-                title=f"{task}, n={size}: training loss, mean ± std over {seeds}")
+                title="training loss")
     ax_val.set(xlabel="optimizer step (0 = untrained)", ylabel=f"validation {metric_label}",
-               title=f"{task}, n={size}: validation {metric_label}, mean ± std over {seeds}")
+               title=f"validation {metric_label}")
+    fig.suptitle(f"{task}, {size} training examples: mean ± std over {seeds} (each method's "
+                 "size and rate chosen on validation)")
     _legend_outside(ax_val)
     return _save(fig, out, f"curves-{task}-n{size}")
 

@@ -16,6 +16,7 @@ import pandas as pd
 
 from peftlab.errors import PeftlabError
 from peftlab.files import read_jsonl
+from peftlab.records import record_problem
 
 SUMMARY = "summary.json"
 
@@ -57,17 +58,38 @@ def curve_flags(rows: list[dict[str, Any]], metric: str, higher: bool) -> dict[s
     return out
 
 
-def load_runs(study_dir: Path) -> pd.DataFrame:
-    """One row per run folder with a summary."""
-    records = []
+def grid_keys(study_dir: Path) -> set[str] | None:
+    """The cells of the study as last run (grid.json), None for a folder without one."""
+    grid = study_dir / "grid.json"
+    if not grid.is_file():
+        return None
+    return {c["key"] for c in _read_json(grid)}
+
+
+def load_runs(study_dir: Path) -> tuple[pd.DataFrame, list[str]]:
+    """One row per run folder with a trustworthy summary, and notes on the folders left out:
+    corrupt records (the file named) and runs the study's grid no longer has (an edited
+    study: the report shows only what study.yaml describes)."""
+    records, left_out = [], []
+    grid = grid_keys(study_dir)
     for folder in run_folders(study_dir):
+        key = str(folder.relative_to(study_dir))
+        if grid is not None and key not in grid:
+            left_out.append(f"{key}: not in the study's grid.json (left from an earlier "
+                            "version of the study), not reported")
+            continue
+        problem = record_problem(folder)
+        if problem:
+            left_out.append(f"{problem}: corrupt record, not reported (`peftlab run` runs the "
+                            "cell again)")
+            continue
         s = _read_json(folder / SUMMARY)
         cell_file = folder / "study_cell.json"
         cell = _read_json(cell_file) if cell_file.is_file() else {}
         metric = headline_metric(s) if s.get("status") != "failed" else None
         higher = metric != "loss"
         rec: dict[str, Any] = {
-            "key": str(folder.relative_to(study_dir)),
+            "key": key,
             "task": s.get("task"), "method": s.get("method"),
             "label": cell.get("label", s.get("method")),
             "method_name": cell.get("method_name", s.get("method")),
@@ -94,8 +116,11 @@ def load_runs(study_dir: Path) -> pd.DataFrame:
             rec.update(curve_flags(read_jsonl(metrics_file), metric, higher))
         records.append(rec)
     if not records:
-        raise PeftlabError(f"{study_dir}: no finished runs (no */summary.json) to report on")
-    return pd.DataFrame.from_records(records)
+        if not study_dir.is_dir():
+            raise PeftlabError(f"{study_dir}: folder not found")
+        why = f" ({left_out[0]})" if left_out else ""
+        raise PeftlabError(f"{study_dir}: no finished runs (no */summary.json) to report on{why}")
+    return pd.DataFrame.from_records(records), left_out
 
 
 def missing_runs(study_dir: Path, runs: pd.DataFrame) -> list[str]:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from peftlab.errors import DataError
 from peftlab.tasks.base import ClassificationTask, Example, GenerationTask, Task, TaskData
-from peftlab.tasks.common import load_hub_split
+from peftlab.tasks.common import Template, load_hub_split
 from peftlab.tasks.readers import read_table
 
 
@@ -27,7 +29,7 @@ class Args(BaseModel):
     label_words: dict[str, str] | None = Field(
         None, description="classification: raw label value -> label word"
     )
-    template: str = "{text}"
+    template: Template = "{text}"
     max_source_length: int = Field(512, ge=1)
     max_target_length: int = Field(128, ge=1)
     max_new_tokens: int = Field(128, ge=1)
@@ -54,6 +56,16 @@ class Args(BaseModel):
                                  "every class needs its own word")
             seen[norm] = value
         return words
+
+
+def absolute_paths(args: Args) -> Args:
+    """Data files (or a local dataset folder) as absolute paths; hub names and split names
+    stay as they are."""
+    if args.hf_dataset:
+        local = Path(args.hf_dataset).exists()
+        return args.model_copy(update={"hf_dataset": os.path.abspath(args.hf_dataset)}) if local else args
+    return args.model_copy(update={k: os.path.abspath(v) for k in ("train", "validation", "test")
+                                   if (v := getattr(args, k))})
 
 
 def build(args: Args) -> Task:

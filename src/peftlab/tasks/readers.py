@@ -46,6 +46,8 @@ def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte-order mark (Excel writes one)
+        data = data[3:]
     if not data.strip():
         raise DataError(f"{path}: the file is empty")
     lines = data.split(b"\n")
@@ -95,7 +97,11 @@ def read_csv(path: str | Path, required: list[str]) -> list[tuple[int, Row]]:
     path = Path(path)
     text = "\n".join(_read_lines(path))
     reader = csv.DictReader(io.StringIO(text))
-    _check_columns(path, list(reader.fieldnames or []), required)
+    try:
+        header = list(reader.fieldnames or [])
+    except csv.Error as e:
+        raise DataError(f"{path}:1: malformed CSV header: {e}") from None
+    _check_columns(path, header, required)
     rows = []
     try:
         for row in reader:

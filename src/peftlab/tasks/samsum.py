@@ -6,7 +6,7 @@ from pydantic import BaseModel, ConfigDict
 
 from peftlab.errors import DataError
 from peftlab.tasks.base import Example, GenerationTask, TaskData
-from peftlab.tasks.common import data_dir, load_hub_split
+from peftlab.tasks.common import Template, absolute_data_dir, data_dir, load_hub_split
 from peftlab.tasks.readers import read_jsonl
 
 TEMPLATE = "Summarize this dialogue:\n{text}"
@@ -15,12 +15,15 @@ TEMPLATE = "Summarize this dialogue:\n{text}"
 class Args(BaseModel):
     model_config = ConfigDict(extra="forbid")
     data_dir: str | None = None
-    template: str = TEMPLATE
+    template: Template = TEMPLATE
 
 
 def normalise_dialogue(text: str) -> str:
     """Turns are separated by \\r\\n in most rows and \\n in some: one separator, no edges."""
     return "\n".join(t.strip() for t in text.replace("\r\n", "\n").split("\n") if t.strip())
+
+
+absolute_paths = absolute_data_dir
 
 
 def build(args: Args) -> GenerationTask:

@@ -6,7 +6,7 @@ from pydantic import BaseModel, ConfigDict
 
 from peftlab.errors import DataError
 from peftlab.tasks.base import ClassificationTask, Example, TaskData
-from peftlab.tasks.common import data_dir, load_hub_split
+from peftlab.tasks.common import Template, absolute_data_dir, data_dir, load_hub_split
 from peftlab.tasks.readers import read_tsv
 
 LABEL_WORDS = ("negative", "positive")
@@ -20,7 +20,7 @@ TEMPLATE = (
 class Args(BaseModel):
     model_config = ConfigDict(extra="forbid")
     data_dir: str | None = None
-    template: str = TEMPLATE
+    template: Template = TEMPLATE
 
 
 def _example(split: str, key: str, text: str, label: str, where: str, template: str) -> Example:
@@ -32,6 +32,9 @@ def _example(split: str, key: str, text: str, label: str, where: str, template: 
         raise DataError(f"{where}: label {label!r} is not 0 or 1 (negative, positive)")
     y = int(label)
     return Example(f"{split}-{key}", template.format(text=text), LABEL_WORDS[y], y, text)
+
+
+absolute_paths = absolute_data_dir
 
 
 def build(args: Args) -> ClassificationTask:
