@@ -69,6 +69,10 @@ class Method:
     export_state: Callable[[nn.Module], dict[str, torch.Tensor]] = trainable_state
     load_state: Callable[[nn.Module, dict[str, torch.Tensor]], None] = load_named_state
     on_step: Callable[[nn.Module, int], None] = field(default=lambda model, step: None)
+    # How the method's trainable modules read every member's tensors in a pack (peftlab.pack):
+    # route(model, stacks, router). None: the method cannot be packed (full fine-tuning shares
+    # nothing; other peft adapters have no routed form here).
+    route: Callable[[nn.Module, dict, object], None] | None = None
 
     @property
     def trains(self) -> bool:

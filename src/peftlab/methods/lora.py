@@ -8,6 +8,7 @@ from torch import nn
 
 from peftlab.methods.base import Method, MethodContext
 from peftlab.methods.peft_common import wrap
+from peftlab.pack import routed_model
 
 
 class Args(BaseModel):
@@ -27,4 +28,5 @@ def apply(model: nn.Module, args: Args, ctx: MethodContext, for_inference: bool)
 
 
 METHOD = Method("lora", Args, apply, default_learning_rate=1e-3, adds_parameters=True,
-                summary="LoRA via peft: low-rank updates of the target projections")
+                summary="LoRA via peft: low-rank updates of the target projections",
+                route=routed_model)  # peft's LoRA layers, their A and B routed per row

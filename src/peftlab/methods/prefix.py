@@ -18,6 +18,7 @@ used at inference.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Literal
 
@@ -29,6 +30,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.models.t5.modeling_t5 import T5Attention, eager_attention_forward
 
 from peftlab.methods.base import Method, MethodContext, freeze, load_named_state
+from peftlab.pack import Router, Stack, routed_model
 
 ATTN_NAME = "peftlab_prefix"
 KINDS = ("encoder", "decoder_self", "decoder_cross")
@@ -57,10 +59,10 @@ def prefixed_attention(module, query, key, value, attention_mask, **kwargs):
     """Eager T5 attention with the module's prefix keys/values (if any) in front."""
     prefix = getattr(module, "peftlab_prefix", None)
     if prefix is not None:
-        pk, pv = prefix()  # (heads, N, d_kv) each
-        batch, n = query.shape[0], pk.shape[1]
-        key = torch.cat([pk.to(key.dtype).expand(batch, -1, -1, -1), key], dim=2)
-        value = torch.cat([pv.to(value.dtype).expand(batch, -1, -1, -1), value], dim=2)
+        pk, pv = prefix(query.shape[0])  # (batch, heads, N, d_kv) each: each row's member's
+        n = pk.shape[2]
+        key = torch.cat([pk.to(key.dtype), key], dim=2)
+        value = torch.cat([pv.to(value.dtype), value], dim=2)
         if attention_mask is not None:
             pad = attention_mask.new_zeros((*attention_mask.shape[:-1], n))
             if attention_mask.dtype == torch.bool:
@@ -101,6 +103,9 @@ class PrefixStore(nn.Module):
         self.layers, self.heads, self.d_kv, self.n = layers, heads, d_kv, args.num_prefix_tokens
         self.plain = plain
         self._current: dict[str, torch.Tensor] = {}
+        # in a pack (peftlab.pack), every member's tensors: name -> Stack, and the router
+        self.stacks: dict | None = None
+        self.router: Router | None = None
         if plain:
             self.prefixes = nn.ParameterDict({
                 k: nn.Parameter(torch.randn(self._shape(k)) * 0.5) for k in layers
@@ -119,12 +124,24 @@ class PrefixStore(nn.Module):
     def _shape(self, kind: str) -> tuple[int, ...]:
         return (self.layers[kind], 2, self.heads, self.n, self.d_kv)
 
+    def _tensor(self, name: str) -> torch.Tensor:
+        """A trainable tensor with a leading member dimension (1 outside a pack)."""
+        if self.stacks is not None:
+            return self.stacks[name].live
+        kind = name.split(".")[1]
+        return (self.prefixes if name.startswith("prefixes.") else self.embeddings)[kind][None]
+
     def compute(self, kind: str) -> torch.Tensor:
-        """(layers, 2, heads, N, d_kv) for one kind."""
+        """(members, layers, 2, heads, N, d_kv) for one kind; one member outside a pack."""
         if self.plain:
-            return self.prefixes[kind]
-        out = self.mlps[kind](self.embeddings[kind])  # (N, layers * 2 * heads * d_kv)
-        return out.view(self.n, self.layers[kind], 2, self.heads, self.d_kv).permute(1, 2, 3, 0, 4)
+            return self._tensor(f"prefixes.{kind}")
+        embeddings = self._tensor(f"embeddings.{kind}")  # (members, N, d_model)
+        members = len(embeddings)
+        routing = self.router.each_member() if self.router is not None else contextlib.nullcontext()
+        with routing:  # each member's MLP on its own embedding
+            out = self.mlps[kind](embeddings)  # (members, N, layers * 2 * heads * d_kv)
+        return out.view(members, self.n, self.layers[kind], 2, self.heads, self.d_kv) \
+            .permute(0, 2, 3, 4, 1, 5)
 
     def refresh(self, kinds: tuple[str, ...]) -> None:
         # Computed once per stack forward, not once per attention module.
@@ -146,22 +163,27 @@ class PrefixStore(nn.Module):
     def refresh_decoder(self, module: nn.Module, args: tuple) -> None:
         self.refresh(("decoder_self", "decoder_cross"))
 
-    def get(self, kind: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        kv = self._current[kind][layer]
+    def get(self, kind: str, layer: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each of `batch` rows' prefix keys and values for one attention module."""
+        kv = self._current[kind][:, layer]  # (members, 2, heads, N, d_kv)
+        if len(kv) == 1:
+            kv = kv[0].unsqueeze(1).expand(2, batch, -1, -1, -1)
+        else:
+            kv = kv[self.router.rows(batch)].transpose(0, 1)
         return kv[0], kv[1]
 
     def make_plain(self) -> None:
         """Drop the MLP: from now on the (folded) prefixes are plain parameters."""
         if self.plain:
             return
-        folded = {k: self.compute(k).detach().clone() for k in self.layers}
+        folded = {k: self.compute(k)[0].detach().clone() for k in self.layers}
         del self.embeddings, self.mlps
         self.prefixes = nn.ParameterDict({k: nn.Parameter(v) for k, v in folded.items()})
         self.plain = True
 
     def folded(self) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            return {f"peftlab_prefix.prefixes.{k}": self.compute(k).detach().clone()
+            return {f"peftlab_prefix.prefixes.{k}": self.compute(k)[0].detach().clone()
                     for k in self.layers}
 
 
@@ -227,6 +249,15 @@ def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     load_named_state(model, state)
 
 
+def route(model: nn.Module, stacks: dict[str, Stack], router: Router) -> None:
+    """The store reads every member's prefixes (or embeddings and MLP) from the stacks."""
+    store = model.peftlab_prefix
+    routed_model(model, {k: v for k, v in stacks.items() if ".mlps." in k}, router)
+    store.stacks = {k.removeprefix("peftlab_prefix."): v for k, v in stacks.items()
+                    if ".mlps." not in k}
+    store.router = router
+
+
 METHOD = Method("prefix", Args, apply, default_learning_rate=5e-3, adds_parameters=True,
                 summary="prefix tuning (Li & Liang): learned key/value prefixes in every attention",
-                export_state=export_state, load_state=load_state)
+                export_state=export_state, load_state=load_state, route=route)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from peftlab.methods.base import Method, MethodContext
+from peftlab.pack import Router, Stack, per_row
 
 
 class Args(BaseModel):
@@ -78,5 +79,18 @@ def apply(model: nn.Module, args: Args, ctx: MethodContext, for_inference: bool)
     return wrapped
 
 
+def route(model: nn.Module, stacks: dict[str, Stack], router: Router) -> None:
+    """Each row's member's prompt. peft builds the batch's prompts in `get_prompt` (one row
+    repeated: `prompts.repeat(batch_size, 1, 1)`); here each row gets its member's, and peft's
+    forward puts them before the input and extends the mask as before."""
+    (stack,) = stacks.values()
+
+    def get_prompt(batch_size: int, task_ids: Any = None, max_cache_len: Any = None) -> torch.Tensor:
+        return per_row(stack, router, batch_size)
+
+    model.get_prompt = get_prompt
+
+
 METHOD = Method("prompt", Args, apply, default_learning_rate=0.3, adds_parameters=True,
-                summary="prompt tuning (Lester et al.): learned embeddings before the encoder input")
+                summary="prompt tuning (Lester et al.): learned embeddings before the encoder input",
+                route=route)

@@ -1,0 +1,92 @@
+"""Training steps of P members packed on one base model against the same P members' steps
+one after another (what P unpacked runs do), on the Flan-T5-small geometry with real SST-2
+batches (8 examples per member), fp32, dropout as in training.
+
+    PEFTLAB_DATA_DIR=../shared/data .venv/bin/python benchmarks/pack_step.py \\
+        --methods lora,prompt,prefix,ia3,ln --members 1,4,8 --steps 6
+
+Both sides run forward, backward, each member's gradient clipping and AdamW step; the figure
+is the median step time of each (first step untimed), in one process, sides alternating.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+from peftlab.data import collate, tokenize
+from peftlab.denormals import flushed_denormals
+from peftlab.methods import METHODS, MethodContext
+from peftlab.models import default_tokenizer_for, load_model, load_tokenizer
+from peftlab.pack import Pack, initial_state, step_gradients
+from peftlab.tasks import build_task, prepare_splits
+
+MODEL = "flan-t5-small-random"
+
+
+def batches(members: int, steps: int) -> list[list[dict]]:
+    tokenizer = load_tokenizer(default_tokenizer_for(MODEL))  # the same for every preset
+    task = build_task("sst2", {})
+    out = []
+    for seed in range(members):
+        feats = tokenize(tokenizer, prepare_splits(task, 8 * steps, 8, 8, seed=seed).train, 128, 4)
+        out.append([collate(feats, list(range(8 * i, 8 * i + 8)), 0) for i in range(steps)])
+    return out
+
+
+@flushed_denormals()
+def measure(name: str, members: int, steps: int, model: str = MODEL) -> tuple[float, float]:
+    method = METHODS[name]
+    args, ctx = method.Args(), MethodContext(default_tokenizer_for(model), steps)
+    data = batches(members, steps)
+    base = load_model(model)
+    states = [initial_state(method, args, ctx, base, seed) for seed in range(members)]
+    pack = Pack(method.apply(copy.deepcopy(base), args, ctx, False).train(), states, method.route)
+    pack_opts = [torch.optim.AdamW([p for _, p in pack.parameters(m)], lr=1e-3, fused=True)
+                 for m in range(members)]
+    torch.manual_seed(0)
+    alone = method.apply(copy.deepcopy(base), args, ctx, False).train()
+    params = [p for p in alone.parameters() if p.requires_grad]
+    alone_opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    packed, sequential = [], []
+    for step in range(steps):
+        began = time.perf_counter()
+        step_gradients(pack, [[b[step]] for b in data], torch.device("cpu"), False, 0)
+        for m, opt in enumerate(pack_opts):
+            torch.nn.utils.clip_grad_norm_([p for _, p in pack.parameters(m)], 1.0, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        packed.append(time.perf_counter() - began)
+        began = time.perf_counter()
+        for m in range(members):  # the same work as P unpacked runs' steps
+            alone(**data[m][step]).loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            alone_opt.step()
+            alone_opt.zero_grad(set_to_none=True)
+        sequential.append(time.perf_counter() - began)
+    return statistics.median(packed[1:]), statistics.median(sequential[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="lora,prompt,prefix,ia3,ln")
+    parser.add_argument("--members", default="1,4,8")
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--model", default=MODEL, help="a preset: flan-t5-small-random, t5-tiny")
+    args = parser.parse_args()
+    print(f"model {args.model}")
+    print(f"{'method':8s} {'P':>3s} {'packed s/step':>14s} {'one by one s':>13s} {'speedup':>8s} "
+          f"{'packed ex/s':>12s}")
+    for name in args.methods.split(","):
+        for members in (int(p) for p in args.members.split(",")):
+            packed, sequential = measure(name, members, args.steps, args.model)
+            print(f"{name:8s} {members:3d} {packed:14.3f} {sequential:13.3f} "
+                  f"{sequential / packed:7.2f}x {8 * members / packed:12.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""Packs: several runs of one method trained on ONE copy of the frozen base model.
+
+The members of a pack differ only in seed (initialisation, training sample, batch order) and
+learning rate. Their micro-batches are concatenated into one batch; each row of it is routed to
+its member's trainable tensors, so the base model's matrix products run once over every row
+of every member. peft trains one adapter per batch (its mixed-adapter batches are for
+inference), hence this module.
+
+How a member's tensors live here: every trainable tensor of the method becomes a `Stack`, one
+`[members, *shape]` storage whose row m is member m's tensor, aliased by a plain
+`nn.Parameter` of the original shape and name. Optimizers, gradient clipping, checkpoints and
+exports see those member parameters, exactly as an unpacked run sees its own: an unpacked run
+is a pack of one, and nothing else changes for it. The method's modules read the stacked
+storage through a `Router`, which knows the member of each row of the current batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftlab.data import IGNORE_INDEX
+
+
+class Router:
+    """The member of each row of the batch going through the model."""
+
+    def __init__(self, members: int):
+        self.members = members
+        self.route: torch.Tensor | None = None
+        self.by_member = False  # rows are the members themselves, in order (prefix MLPs)
+
+    @contextlib.contextmanager
+    def routing(self, route: torch.Tensor) -> Iterator[None]:
+        previous, self.route = self.route, route
+        try:
+            yield
+        finally:
+            self.route = previous
+
+    @contextlib.contextmanager
+    def each_member(self) -> Iterator[None]:
+        """Row m is member m's: a computation per member (the prefix MLP on its embedding),
+        with no per-row copy of the weights."""
+        previous, self.by_member = self.by_member, True
+        try:
+            yield
+        finally:
+            self.by_member = previous
+
+    def rows(self, n: int) -> torch.Tensor:
+        """The member of each of `n` rows. A batch expanded row by row (`repeat_interleave`:
+        rank classification's candidates, beam search) keeps each row's member."""
+        if self.route is None:
+            raise RuntimeError("a packed model was called without a route")
+        if n == len(self.route):
+            return self.route
+        if n % len(self.route):
+            raise RuntimeError(f"{n} rows cannot be routed from {len(self.route)}")
+        return self.route.repeat_interleave(n // len(self.route))
+
+
+class Stack:
+    """One trainable tensor of every member: `storage[m]` is member m's, aliased by
+    `members[m]` (an `nn.Parameter` sharing its memory: the optimizer's step on it is a step
+    on the storage). `live` is what a forward reads: the storage, or during a training step a
+    leaf that collects every member's gradient at once (handed out by `end_step`)."""
+
+    def __init__(self, values: list[torch.Tensor]):
+        self.storage = torch.stack([v.detach() for v in values])
+        self.members = [nn.Parameter(self.storage[m]) for m in range(len(values))]
+        self.live = self.storage
+
+    def begin_step(self) -> None:
+        self.live = self.storage.detach().requires_grad_(True)
+
+    def end_step(self) -> None:
+        grad = self.live.grad
+        for m, p in enumerate(self.members):
+            p.grad = None if grad is None else grad[m]
+        self.live = self.storage
+
+    def to(self, device: torch.device) -> None:
+        self.storage = self.storage.to(device)
+        self.members = [nn.Parameter(self.storage[m]) for m in range(len(self.members))]
+        self.live = self.storage
+
+
+def per_row(stack: Stack, router: Router, n: int) -> torch.Tensor:
+    """Each of `n` rows' tensor: `[n, *shape]` (a view for a pack of one)."""
+    if router.members == 1:
+        return stack.live.expand(n, *stack.live.shape[1:])
+    return stack.live[router.rows(n)]
+
+
+class RoutedLinear(nn.Module):
+    """`nn.Linear` whose weight (and bias) is each row's member's: LoRA's A and B."""
+
+    def __init__(self, weight: Stack, bias: Stack | None, router: Router):
+        super().__init__()
+        self.weight_stack, self.bias_stack, self.router = weight, bias, router
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Every member's weight, (members, out, in): callers read its dtype and device."""
+        return self.weight_stack.live
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight_stack.live
+        b = None if self.bias_stack is None else self.bias_stack.live
+        if self.router.members == 1:  # exactly nn.Linear's computation
+            return F.linear(x, w[0], None if b is None else b[0])
+        n = x.shape[0]
+        if self.router.by_member:
+            if n != len(w):
+                raise RuntimeError(f"{n} rows for {len(w)} members")
+        else:
+            route = self.router.rows(n)
+            w, b = w[route], None if b is None else b[route]
+        out = torch.bmm(x.reshape(n, -1, x.shape[-1]), w.transpose(1, 2))
+        if b is not None:
+            out = out + b[:, None, :]
+        return out.reshape(*x.shape[:-1], w.shape[1])
+
+
+def routed_model(model: nn.Module, stacks: dict[str, Stack], router: Router) -> None:
+    """Replace the `nn.Linear` modules that own trainable tensors by their routed form (LoRA's A
+    and B, the prefix MLP); methods with other trainable modules route those themselves."""
+    for module_name in dict.fromkeys(name.rpartition(".")[0] for name in stacks):
+        module = model.get_submodule(module_name)
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"no routed form for {type(module).__name__} `{module_name}`")
+        routed = RoutedLinear(stacks[f"{module_name}.weight"], stacks.get(f"{module_name}.bias"),
+                              router)
+        parent_name, _, child = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, routed)
+
+
+def concat_batches(batches: list[dict[str, torch.Tensor]], pad_id: int
+                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One batch of every member's micro-batch (padded to the longest), and each row's
+    member. Extra padding changes nothing a row computes: padded keys are masked, padded
+    labels ignored."""
+    def padded(key: str, value: int) -> torch.Tensor:
+        width = max(b[key].shape[1] for b in batches)
+        return torch.cat([F.pad(b[key], (0, width - b[key].shape[1]), value=value) for b in batches])
+
+    batch = {"input_ids": padded("input_ids", pad_id), "attention_mask": padded("attention_mask", 0),
+             "labels": padded("labels", IGNORE_INDEX)}
+    route = torch.cat([torch.full((len(b["input_ids"]),), m) for m, b in enumerate(batches)])
+    return batch, route
+
+
+def member_token_losses(logits: torch.Tensor, labels: torch.Tensor, route: torch.Tensor,
+                        members: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed token cross-entropy, target-token count) of each member: `[members]` each."""
+    per_token = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
+    sums = torch.zeros(members, device=logits.device).index_add(0, route, per_token.sum(1))
+    counts = torch.zeros(members, device=logits.device).index_add(
+        0, route, (labels != IGNORE_INDEX).sum(1).to(torch.float32))
+    return sums, counts
+
+
+class Pack:
+    """A model whose method's trainable tensors are every member's (`stacks`), and the
+    router that tells its modules each row's member."""
+
+    def __init__(self, model: nn.Module, states: list[dict[str, torch.Tensor]], route: Any):
+        names = list(states[0])
+        if any(list(s) != names for s in states):
+            raise ValueError("the members of a pack must have the same trainable tensors")
+        self.model, self.router = model, Router(len(states))
+        self.stacks = {name: Stack([s[name] for s in states]) for name in names}
+        for p in model.parameters():
+            p.requires_grad_(False)  # the stacks train; the base model never does
+        route(model, self.stacks, self.router)
+
+    @property
+    def members(self) -> int:
+        return self.router.members
+
+    def parameters(self, member: int) -> list[tuple[str, nn.Parameter]]:
+        """Member `member`'s trainable tensors by their unpacked names (views of the stacks)."""
+        return [(name, stack.members[member]) for name, stack in self.stacks.items()]
+
+    def state(self, member: int) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.parameters(member)}
+
+    def to(self, device: torch.device) -> Pack:
+        self.model.to(device)
+        for stack in self.stacks.values():
+            stack.to(device)
+        return self
+
+    @contextlib.contextmanager
+    def training_step(self) -> Iterator[None]:
+        """Gradients collected for every member at once, handed to each member's parameters."""
+        for stack in self.stacks.values():
+            stack.begin_step()
+        try:
+            yield
+        finally:
+            for stack in self.stacks.values():
+                stack.end_step()
+
+
+def initial_state(method: Any, args: Any, ctx: Any, base: nn.Module, seed: int
+                  ) -> dict[str, torch.Tensor]:
+    """A member's trainable tensors as its unpacked run starts them: the method applied to a
+    copy of the base model right after seeding with the member's seed."""
+    torch.manual_seed(seed)
+    adapted = method.apply(copy.deepcopy(base), args, ctx, False)
+    return {n: p.detach().clone() for n, p in adapted.named_parameters() if p.requires_grad}
+
+
+def decoder_inputs(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """Teacher forcing: the labels shifted right, as the model does when given labels."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.prepare_decoder_input_ids_from_labels(labels=labels)
+
+
+def step_gradients(pack: Pack, micro_batches: list[list[dict[str, torch.Tensor]]],
+                   device: torch.device, bf16: bool, pad_id: int) -> list[float | None]:
+    """Backward over one optimizer step of every member at once; each member's step loss.
+
+    `micro_batches[m]` is member m's micro-batches for the step (empty: the member does not
+    train any more, e.g. it diverged). Micro-batch i of every member is concatenated into one
+    batch. A member's loss is the mean over its step's target tokens, each micro-batch
+    weighted by its tokens (as one batch holding them all), and the members' losses are
+    summed for the backward: their tensors are disjoint, so each gets its own gradient.
+    """
+    from peftlab.train import autocast
+
+    active = [m for m, batches in enumerate(micro_batches) if batches]
+    totals = torch.zeros(pack.members, device=device)
+    for m in active:
+        totals[m] = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in micro_batches[m])
+    totals = totals.clamp(min=1)
+    losses = torch.zeros(pack.members, device=device)
+    with pack.training_step():
+        for i in range(max(len(micro_batches[m]) for m in active)):
+            batch, member_of_row = concat_batches([micro_batches[m][i] for m in active], pad_id)
+            route = torch.tensor(active, device=device)[member_of_row.to(device)]
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with pack.router.routing(route), autocast(device, bf16):
+                logits = pack.model(input_ids=batch["input_ids"],
+                                    attention_mask=batch["attention_mask"],
+                                    decoder_input_ids=decoder_inputs(pack.model, batch["labels"])
+                                    ).logits
+            sums, _ = member_token_losses(logits, batch["labels"], route, pack.members)
+            step = sums / totals
+            step.sum().backward()
+            losses += step.detach()
+    return [float(losses[m]) if m in active else None for m in range(pack.members)]
