@@ -19,7 +19,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from peftlab.config import RunConfig, config_changes, format_validation_error, read_yaml_mapping
 from peftlab.errors import STORAGE_ERRNOS, ConfigError, PeftlabError, describe_os_error, unknown_name
@@ -117,15 +125,10 @@ class StudyConfig(BaseModel):
             _safe_name(name, "the task name")
         return v
 
-    @field_validator("train_sizes")
+    @field_validator("train_sizes", "seeds")
     @classmethod
-    def _unique_sizes(cls, v: list) -> list:
-        return _unique(v, "the train size")
-
-    @field_validator("seeds")
-    @classmethod
-    def _unique_seeds(cls, v: list[int]) -> list[int]:
-        return _unique(v, "the seed")
+    def _no_repeats(cls, v: list, info: ValidationInfo) -> list:
+        return _unique(v, {"train_sizes": "the train size", "seeds": "the seed"}[info.field_name])
 
 
 @dataclass(frozen=True)
