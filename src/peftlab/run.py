@@ -51,7 +51,6 @@ from peftlab.records import (
 from peftlab.tasks import ClassificationTask, Splits, Task, build_task, prepare_splits
 from peftlab.train import train
 
-ADAPTER_FILE = ADAPTER
 log = logging.getLogger("peftlab")
 
 
@@ -361,7 +360,7 @@ def _run_held(cfg: RunConfig, s: Setup, started: float, memory: PeakMemory, prog
     summary.update({"best_step": best_step, "selection_metric": selection_of(cfg, s.task)[0],
                     "val_metrics": best_val})
     if state:
-        save_tensors(out / ADAPTER_FILE, state)
+        save_tensors(out / ADAPTER, state)
     # The test set is touched once, on the checkpoint chosen by validation.
     began = time.perf_counter()
     test = s.evaluate("test", progress=progress)
@@ -410,7 +409,7 @@ def restore(run_dir: str | Path) -> Setup:
     cfg, run_dir = load_run_dir(run_dir)
     s = setup(cfg, for_inference=True)
     if not isinstance(s.method, Baseline) and s.method.trains:
-        path = run_dir / ADAPTER_FILE
+        path = run_dir / ADAPTER
         if not path.is_file():
             raise PeftlabError(f"{path}: missing; the run did not finish saving its state")
         try:
