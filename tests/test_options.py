@@ -51,7 +51,7 @@ def test_gradient_accumulation_weights_micro_batches_by_their_target_tokens(toke
     from peftlab.data import collate, tokenize
     from peftlab.models import load_model
     from peftlab.tasks import build_task, prepare_splits
-    from peftlab.train import accumulate_gradients
+    from peftlab.pack import Pack, step_gradients
 
     splits = prepare_splits(build_task("samsum", {}), 16, 4, 4, seed=0)
     feats = tokenize(tokenizer, splits.train, 256, 128)
@@ -64,6 +64,7 @@ def test_gradient_accumulation_weights_micro_batches_by_their_target_tokens(toke
     whole = collate(feats, long + short, tokenizer.pad_token_id)
     model = load_model("t5-tiny").eval()  # no dropout: the two must see the same function
     cpu = torch.device("cpu")
+    pack = Pack(model, [dict(model.named_parameters())], None)  # full fine-tuning, alone
 
     def gradient(batches, equal_weights=False):
         model.zero_grad()
@@ -71,7 +72,7 @@ def test_gradient_accumulation_weights_micro_batches_by_their_target_tokens(toke
             for b in batches:
                 (model(**b).loss / len(batches)).backward()
         else:
-            accumulate_gradients(model, batches, cpu, bf16=False)
+            step_gradients(pack, [batches], cpu, bf16=False, pad_id=tokenizer.pad_token_id)
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
     single = gradient([whole])

@@ -53,7 +53,7 @@ SHAPES = {  # task, max source length, max target length
 # --- what one subprocess measures ----------------------------------------------------------
 
 def _setup(method: str, shape: str, batch_size: int, n_examples: int, dropout: bool = True,
-           model: str = MODEL, **overrides: Any):
+           model: str = MODEL, pack: bool = True, **overrides: Any):
     import torch
 
     from peftlab.config import resolve_run_config
@@ -67,7 +67,7 @@ def _setup(method: str, shape: str, batch_size: int, n_examples: int, dropout: b
         "max_source_length": src, "max_target_length": tgt, "output_dir": tempfile.mkdtemp(),
         **overrides,
     })
-    s = setup(cfg)
+    s = setup(cfg, pack=pack)  # the reference trains the method's own (peft) modules
     if not dropout:  # the numerics check: both pipelines must draw the same (no) masks
         for module in s.model.modules():
             if isinstance(module, torch.nn.Dropout):
@@ -192,7 +192,8 @@ def measure_reference(method: str, shape: str, batch_size: int, steps: int, warm
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, TrainerCallback
 
     memory = _peak_memory()
-    cfg, s, features = _setup(method, shape, batch_size, n_examples, dropout, model=model)
+    cfg, s, features = _setup(method, shape, batch_size, n_examples, dropout, model=model,
+                              pack=False)
     idx = order if order is not None else list(range(len(features)))
     # A plain list is a valid torch Dataset; `datasets` would add nothing to the timing.
     data = [{"input_ids": features.input_ids[i], "labels": features.labels[i]} for i in idx]
@@ -409,7 +410,7 @@ def measure_cell_reference(shape: str, method: str, precision: str, model: str =
     cell = cell or CELL
     start = time.perf_counter()
     task, src, tgt = SHAPES[shape]
-    cfg, s, _ = _setup(method, shape, 8, 1000, model=model, **cell)
+    cfg, s, _ = _setup(method, shape, 8, 1000, model=model, pack=False, **cell)
     train_data = _reference_features(s, s.splits.train, src, tgt)
     val_data = _reference_features(s, s.splits.validation, src, tgt)
     test_data = _reference_features(s, s.splits.test, src, tgt)
@@ -424,9 +425,12 @@ def measure_cell_reference(shape: str, method: str, precision: str, model: str =
             return {metric: float(np.mean([p == r for p, r in zip(texts, refs)]))}
         from rouge_score import rouge_scorer
 
-        scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-        return {metric: float(np.mean([scorer.score(r, p)["rougeL"].fmeasure
-                                       for p, r in zip(texts, refs)]))}
+        from peftlab.tasks.base import split_sentences
+
+        scorer = rouge_scorer.RougeScorer([metric], use_stemmer=True)
+        return {metric: float(np.mean([
+            scorer.score(split_sentences(r), split_sentences(p))[metric].fmeasure
+            for p, r in zip(texts, refs)]))}
 
     args = _reference_args(
         s, cfg, precision, max_steps=cell["max_steps"],

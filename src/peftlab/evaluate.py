@@ -22,6 +22,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from peftlab.data import IGNORE_INDEX, Features, pad, sorted_batches
 from peftlab.denormals import flushed_denormals
+from peftlab.pack import cast_stacks
 from peftlab.tasks import ClassificationTask, Example, Task
 
 
@@ -54,7 +55,9 @@ def inference_model(model: nn.Module, bf16: bool) -> nn.Module:
     """
     if not bf16:
         return model
-    return copy.deepcopy(model).to(torch.bfloat16)
+    copied = copy.deepcopy(model).to(torch.bfloat16)
+    cast_stacks(copied, torch.bfloat16)  # a packed model's trainable tensors (peftlab.pack)
+    return copied
 
 
 def _picked_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

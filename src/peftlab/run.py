@@ -36,6 +36,7 @@ from peftlab.locks import describe_holder, run_lock
 from peftlab.memory import PeakMemory
 from peftlab.methods import Baseline, Method, MethodContext, get_method
 from peftlab.models import count_parameters, default_tokenizer_for, load_model, load_tokenizer
+from peftlab.pack import Pack
 from peftlab.records import (
     ADAPTER,
     CHECKPOINTS,
@@ -156,8 +157,12 @@ class Setup:
                               features or self.features(split), self.eval_settings(split, progress))
 
 
-def setup(cfg: RunConfig, for_inference: bool = False) -> Setup:
-    """Data, tokenizer, model and method, seeded: the same config gives the same setup."""
+def setup(cfg: RunConfig, for_inference: bool = False, pack: bool = True) -> Setup:
+    """Data, tokenizer, model and method, seeded: the same config gives the same setup.
+
+    A method that trains is set up as a pack of one (peftlab.pack): the one way a run trains,
+    alone or beside other runs. `pack=False` leaves the method's own modules (the benchmark's
+    reference pipeline trains those)."""
     task = build_task(cfg.task, cfg.task_args)
     method = get_method(cfg.method)
     if isinstance(method, Baseline) and method.task_kind != task.kind:
@@ -182,6 +187,9 @@ def setup(cfg: RunConfig, for_inference: bool = False) -> Setup:
     s.device = resolve_device(cfg)
     s.bf16 = use_bf16(cfg, s.device)
     s.model.to(s.device)
+    if pack and method.trains:
+        state = {n: p.detach() for n, p in s.model.named_parameters() if p.requires_grad}
+        Pack(s.model, [state], method.route)
     return s
 
 
@@ -243,7 +251,9 @@ def parameter_counts(s: Setup) -> dict[str, Any]:
         return {"trainable_params": 0, "trained_params": 0, "total_params": 0,
                 "trainable_percent": 0.0}
     trainable = sum(t.numel() for t in s.method.export_state(s.model).values())
-    trained = sum(p.numel() for p in s.model.parameters() if p.requires_grad)
+    pack = getattr(s.model, "peftlab_pack", None)
+    trained = (sum(p.numel() for _, p in pack.parameters(0)) if pack is not None
+               else sum(p.numel() for p in s.model.parameters() if p.requires_grad))
     total = s.base_params + (trainable if s.method.adds_parameters else 0)
     return {"trainable_params": trainable, "trained_params": trained, "total_params": total,
             "trainable_percent": 100.0 * trainable / total}

@@ -27,14 +27,21 @@ class MethodContext:
     max_steps: int
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The default export: every parameter that trains (shared tensors once)."""
+def trainable_state(model: nn.Module, member: int = 0) -> dict[str, torch.Tensor]:
+    """The default export: every tensor that trains (shared tensors once); in a packed model
+    (peftlab.pack) the given member's."""
+    pack = getattr(model, "peftlab_pack", None)
+    if pack is not None:
+        return dict(pack.parameters(member))
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_named_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy saved tensors into the model's parameters of the same names, checking shapes."""
-    params = dict(model.named_parameters())
+def load_named_state(model: nn.Module, state: dict[str, torch.Tensor], member: int = 0) -> None:
+    """Copy saved tensors into the model's parameters of the same names (a packed model's:
+    the member's), checking shapes."""
+    pack = getattr(model, "peftlab_pack", None)
+    params = dict(pack.parameters(member)) if pack is not None and pack.stacks \
+        else dict(model.named_parameters())
     for name, tensor in state.items():
         if name not in params:
             raise PeftlabError(
@@ -66,8 +73,8 @@ class Method:
     default_learning_rate: float | None
     adds_parameters: bool  # False: it trains existing weights (full, ln)
     summary: str
-    export_state: Callable[[nn.Module], dict[str, torch.Tensor]] = trainable_state
-    load_state: Callable[[nn.Module, dict[str, torch.Tensor]], None] = load_named_state
+    export_state: Callable[..., dict[str, torch.Tensor]] = trainable_state  # (model, member=0)
+    load_state: Callable[..., None] = load_named_state  # (model, state, member=0)
     on_step: Callable[[nn.Module, int], None] = field(default=lambda model, step: None)
     # How the method's trainable modules read every member's tensors in a pack (peftlab.pack):
     # route(model, stacks, router). None: the method cannot be packed (full fine-tuning shares

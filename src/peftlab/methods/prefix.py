@@ -173,17 +173,25 @@ class PrefixStore(nn.Module):
         return kv[0], kv[1]
 
     def make_plain(self) -> None:
-        """Drop the MLP: from now on the (folded) prefixes are plain parameters."""
+        """Drop the MLP: from now on the (folded) prefixes are plain tensors (parameters; in a
+        pack, stacks that replace the embedding and MLP ones in the pack's)."""
         if self.plain:
             return
-        folded = {k: self.compute(k)[0].detach().clone() for k in self.layers}
+        with torch.no_grad():
+            folded = {k: self.compute(k).detach().clone() for k in self.layers}
         del self.embeddings, self.mlps
-        self.prefixes = nn.ParameterDict({k: nn.Parameter(v) for k, v in folded.items()})
+        if self.stacks is not None:
+            for name in [n for n in self.pack_stacks if n.startswith("peftlab_prefix.")]:
+                del self.pack_stacks[name]
+            self.stacks = {f"prefixes.{k}": Stack(list(v)) for k, v in folded.items()}
+            self.pack_stacks.update({f"peftlab_prefix.{n}": v for n, v in self.stacks.items()})
+        else:
+            self.prefixes = nn.ParameterDict({k: nn.Parameter(v[0]) for k, v in folded.items()})
         self.plain = True
 
-    def folded(self) -> dict[str, torch.Tensor]:
+    def folded(self, member: int = 0) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            return {f"peftlab_prefix.prefixes.{k}": self.compute(k)[0].detach().clone()
+            return {f"peftlab_prefix.prefixes.{k}": self.compute(k)[member].detach().clone()
                     for k in self.layers}
 
 
@@ -239,14 +247,14 @@ def apply(model: nn.Module, args: Args, ctx: MethodContext, for_inference: bool)
     return model
 
 
-def export_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return model.peftlab_prefix.folded()
+def export_state(model: nn.Module, member: int = 0) -> dict[str, torch.Tensor]:
+    return model.peftlab_prefix.folded(member)
 
 
-def load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], member: int = 0) -> None:
     """Saved prefixes are folded: a model still carrying its training MLP drops it first."""
     model.peftlab_prefix.make_plain()
-    load_named_state(model, state)
+    load_named_state(model, state, member)
 
 
 def route(model: nn.Module, stacks: dict[str, Stack], router: Router) -> None:
@@ -255,7 +263,7 @@ def route(model: nn.Module, stacks: dict[str, Stack], router: Router) -> None:
     routed_model(model, {k: v for k, v in stacks.items() if ".mlps." in k}, router)
     store.stacks = {k.removeprefix("peftlab_prefix."): v for k, v in stacks.items()
                     if ".mlps." not in k}
-    store.router = router
+    store.router, store.pack_stacks = router, stacks
 
 
 METHOD = Method("prefix", Args, apply, default_learning_rate=5e-3, adds_parameters=True,
