@@ -45,3 +45,31 @@ def test_local_folder_round_trip(tmp_path):
     again = load_model(str(tmp_path))
     assert count_parameters(again) == count_parameters(model)
     assert again.lm_head.weight.equal(model.lm_head.weight)
+
+
+def test_loading_a_local_untied_checkpoint_prints_no_known_harmless_warning(tmp_path, capfd):
+    """Real Flan-T5 checkpoints hold `shared` and `lm_head` apart on purpose: transformers'
+    'will NOT tie them' warning is silenced, and so is peft's use of a deprecated property."""
+    import warnings
+
+    from peftlab.methods import METHODS, MethodContext
+    from tests.conftest import TOKENIZER_DIR
+
+    load_model("t5-tiny").save_pretrained(tmp_path)
+    capfd.readouterr()
+    from peftlab.models import silence_known_warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every warning, even one already shown...
+        silence_known_warnings()  # ...but those peftlab silences
+        model = load_model(str(tmp_path))
+        METHODS["lora"].apply(model, METHODS["lora"].Args(), MethodContext(str(TOKENIZER_DIR), 1),
+                              False)
+    assert "NOT tie them" not in capfd.readouterr().err
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+    with warnings.catch_warnings(record=True) as unfiltered:  # the filter is what hides it
+        warnings.simplefilter("always")
+        METHODS["lora"].apply(load_model("t5-tiny"), METHODS["lora"].Args(),
+                              MethodContext(str(TOKENIZER_DIR), 1), False)
+    assert [w for w in unfiltered if "is_gradient_checkpointing" in str(w.message)]
+    assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()

@@ -50,8 +50,8 @@ def test_gradient_accumulation_weights_micro_batches_by_their_target_tokens(toke
 
     from peftlab.data import collate, tokenize
     from peftlab.models import load_model
-    from peftlab.tasks import build_task, prepare_splits
     from peftlab.pack import Pack, step_gradients
+    from peftlab.tasks import build_task, prepare_splits
 
     splits = prepare_splits(build_task("samsum", {}), 16, 4, 4, seed=0)
     feats = tokenize(tokenizer, splits.train, 256, 128)

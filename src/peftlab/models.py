@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,30 @@ def default_tokenizer_for(model: str) -> str:
     if data_dir and (Path(data_dir) / "flan-t5-small-tokenizer").is_dir():
         return str(Path(data_dir) / "flan-t5-small-tokenizer")
     return FLAN_T5_SMALL_TOKENIZER
+
+
+class _KnownHarmless(logging.Filter):
+    """transformers' warning that a checkpoint holding both `shared` and `lm_head` is not
+    tied: Flan-T5's real checkpoints are untied on purpose (two different tensors, 76,961,152
+    parameters), and transformers 5's T5Config asks to tie them, so every load warned."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("tied weights mapping" in message and "so we will NOT tie them" in message)
+
+
+def silence_known_warnings() -> None:
+    """Silence what is known and harmless, and nothing else."""
+    logger = logging.getLogger("transformers.modeling_utils")  # where the tie warning is logged
+    if not any(isinstance(f, _KnownHarmless) for f in logger.filters):
+        logger.addFilter(_KnownHarmless())
+    # peft reads `is_gradient_checkpointing`, which transformers 5 deprecated: nothing a
+    # user can act on, printed for every run of a study
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                            category=FutureWarning)
+
+
+silence_known_warnings()
 
 
 def _offline_hint(name: str, what: str) -> str:
