@@ -101,3 +101,26 @@ def test_a_different_config_in_an_unfinished_run_folder_is_refused(tmp_path):
     other = subprocess.run(command(tmp_path, "r", seed=5), capture_output=True, text=True)
     assert other.returncode == 2
     assert "different config (seed: 0 -> 5)" in " ".join(other.stderr.split())
+
+
+def test_a_run_that_stopped_early_stays_stopped_when_resumed(tmp_path, monkeypatch):
+    """Killed after the checkpoint at which early stopping fired (before its summary): the
+    resumed run must not train on past that point."""
+    import peftlab.run as run_module
+    from peftlab.config import resolve_run_config
+
+    cfg = resolve_run_config({
+        "model": "t5-tiny", "task": "sst2", "method": "lora", "train_size": 16, "val_size": 16,
+        "test_size": 16, "max_steps": 10, "eval_every": 1, "log_every": 1, "batch_size": 4,
+        "learning_rate": 1e-12, "early_stopping_patience": 1, "output_dir": str(tmp_path / "r")})
+    straight = run_module.run(cfg.model_copy(update={"output_dir": str(tmp_path / "s")}),
+                              progress=False)
+    assert straight["stopped_early"] and straight["steps_done"] == 1
+    with monkeypatch.context() as patched:  # leave the checkpoint behind, as a kill would
+        patched.setattr(run_module, "remove_checkpoints", lambda run_dir: None)
+        run_module.run(cfg, progress=False)
+    for name in ("summary.json", "adapter.safetensors", "predictions/test.jsonl"):
+        (tmp_path / "r" / name).unlink()
+    resumed = run_module.run(cfg, progress=False)
+    assert resumed["steps_done"] == 1 and resumed["stopped_early"]
+    assert resumed["test_metrics"] == straight["test_metrics"]

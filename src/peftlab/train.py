@@ -161,6 +161,9 @@ def train(
         out = TrainOutcome("completed", resume.meta["best_step"], resume.meta["best_val"],
                            resume.best_state, steps_done=resume.step)
         first_step, evals_without_gain = resume.step + 1, resume.meta["evals_without_gain"]
+        if cfg.early_stopping_patience and evals_without_gain >= cfg.early_stopping_patience:
+            out.stopped_early = True  # it had stopped at this checkpoint: it stays stopped
+            return out
     if optimizer is None or cfg.max_steps == 0:
         return out
 
