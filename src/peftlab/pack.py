@@ -86,11 +86,6 @@ class Stack:
             p.grad = None if grad is None else grad[m]
         self.live = self.storage
 
-    def to(self, device: torch.device) -> None:
-        self.storage = self.storage.to(device)
-        self.members = [nn.Parameter(self.storage[m]) for m in range(len(self.members))]
-        self.live = self.storage
-
 
 def per_row(stack: Stack, router: Router, n: int) -> torch.Tensor:
     """Each of `n` rows' tensor: `[n, *shape]` (a view for a pack of one)."""
@@ -158,14 +153,11 @@ def concat_batches(batches: list[dict[str, torch.Tensor]], pad_id: int
 
 
 def member_token_losses(logits: torch.Tensor, labels: torch.Tensor, route: torch.Tensor,
-                        members: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed token cross-entropy, target-token count) of each member: `[members]` each."""
+                        members: int) -> torch.Tensor:
+    """Each member's summed token cross-entropy: `[members]`."""
     per_token = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                 ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
-    sums = torch.zeros(members, device=logits.device).index_add(0, route, per_token.sum(1))
-    counts = torch.zeros(members, device=logits.device).index_add(
-        0, route, (labels != IGNORE_INDEX).sum(1).to(torch.float32))
-    return sums, counts
+    return torch.zeros(members, device=logits.device).index_add(0, route, per_token.sum(1))
 
 
 class Pack:
@@ -206,12 +198,6 @@ class Pack:
     def state(self, member: int) -> dict[str, torch.Tensor]:
         return {name: p.detach() for name, p in self.parameters(member)}
 
-    def to(self, device: torch.device) -> Pack:
-        self.model.to(device)
-        for stack in self.stacks.values():
-            stack.to(device)
-        return self
-
     @contextlib.contextmanager
     def training_step(self) -> Iterator[None]:
         """Gradients collected for every member at once, handed to each member's parameters."""
@@ -226,25 +212,12 @@ class Pack:
 
 def cast_stacks(model: nn.Module, dtype: torch.dtype) -> None:
     """`model.to(dtype)` for a packed model's stacks too (they are not registered tensors):
-    the bf16 copy evaluation makes of a packed model."""
+    the bf16 copy evaluation makes of a packed model. A deep copy copies the pack with the
+    modules, so its stacks are the ones the copy's modules read."""
     pack = getattr(model, "peftlab_pack", None)
-    if pack is None:
-        return
-    for stack in _stacks_of(model):
+    for stack in pack.stacks.values() if pack is not None else ():
         stack.storage = stack.storage.to(dtype)
         stack.live = stack.storage
-
-
-def _stacks_of(model: nn.Module) -> list[Stack]:
-    """Every Stack the model's modules read (its pack's, and any a method made since)."""
-    found: dict[int, Stack] = {}
-    for module in model.modules():
-        for value in vars(module).values():
-            values = value.values() if isinstance(value, dict) else [value]
-            for v in values:
-                if isinstance(v, Stack):
-                    found[id(v)] = v
-    return list(found.values())
 
 
 def initial_state(method: Any, args: Any, ctx: Any, base: nn.Module, seed: int
@@ -293,7 +266,7 @@ def step_gradients(pack: Pack, micro_batches: list[list[dict[str, torch.Tensor]]
                                     attention_mask=batch["attention_mask"],
                                     decoder_input_ids=decoder_inputs(pack.model, batch["labels"])
                                     ).logits
-            sums, _ = member_token_losses(logits, batch["labels"], route, pack.members)
+            sums = member_token_losses(logits, batch["labels"], route, pack.members)
             step = sums / totals
             step.sum().backward()
             losses += step.detach()
