@@ -145,8 +145,8 @@ def remove_checkpoint_step(step_dir: Path) -> None:
     """One `checkpoints/step-NNNNNN` folder: its files, then the folder if nothing else is in it."""
     for name in CHECKPOINT_FILES:
         (step_dir / name).unlink(missing_ok=True)
-    for tmp in temporaries(step_dir.parent.parent):
-        if tmp.parent == step_dir:
+    for tmp in step_dir.glob(".*.tmp"):
+        if (m := _TEMPORARY.fullmatch(tmp.name)) and m.group(1) in CHECKPOINT_FILES:
             tmp.unlink(missing_ok=True)
     if step_dir.is_dir() and not any(step_dir.iterdir()):
         step_dir.rmdir()

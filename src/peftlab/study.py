@@ -36,6 +36,8 @@ from peftlab.locks import describe_holder, run_lock
 from peftlab.records import (
     CELL_FILE,
     CONFIG,
+    METRICS,
+    PREDICTIONS,
     SUMMARY,
     quarantine,
     read_json,
@@ -312,7 +314,7 @@ def apply(p: Plan) -> None:
     from finished runs."""
     for cell, _ in p.corrupt:
         folder = Path(cell.config.output_dir)
-        for name in (SUMMARY, "metrics.jsonl", "predictions/test.jsonl"):
+        for name in (SUMMARY, METRICS, PREDICTIONS):
             if (folder / name).is_file():
                 quarantine(folder / name)
     for cell, _ in p.changed:
