@@ -57,6 +57,11 @@ class RunConfig(BaseModel):
         "validation on a bf16 copy (faster where bf16 is native; it can change what is "
         "selected, docs/speed.md), the test split in fp32; bf16 = both in bf16"
     )
+    dropout: float | None = Field(
+        None, ge=0, lt=1, description="the base model's dropout rate (every dropout layer and "
+        "attention-probability dropout; T5's `dropout_rate`). None: the checkpoint's (Flan-T5: "
+        "0.1); 0 makes training deterministic given the batches"
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_batch_size: int = Field(
         64, ge=1, description="sequences per evaluation batch (rank classification: inputs "
@@ -256,9 +261,14 @@ def config_changes(previous: dict[str, Any], current: dict[str, Any]) -> list[st
     """`key: old -> new` for every setting that differs (locations aside)."""
     a, b = _flat(previous), _flat(current)
     missing = object()
+    def same(k: str) -> bool:
+        # a setting added in a later version, absent from an older record, at its default of
+        # None (which keeps the old behaviour), is no change
+        x, y = a.get(k, missing), b.get(k, missing)
+        return x == y or (x is missing and y is None) or (x is None and y is missing)
+
     return [f"{k}: {a.get(k, '(unset)')!r} -> {b.get(k, '(unset)')!r}"
-            for k in sorted(set(a) | set(b))
-            if k not in LOCATION_KEYS and a.get(k, missing) != b.get(k, missing)]
+            for k in sorted(set(a) | set(b)) if k not in LOCATION_KEYS and not same(k)]
 
 
 _TASK_METRICS = {

@@ -168,6 +168,19 @@ def load_model(name: str) -> nn.Module:
     return model.eval()
 
 
+def set_dropout(model: nn.Module, rate: float) -> None:
+    """Every dropout of the model at `rate`: its modules, and the probability attention layers
+    keep as a float (T5's attention applies it functionally)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = rate
+        if isinstance(getattr(module, "dropout", None), float):
+            module.dropout = rate
+    for key in ("dropout_rate", "dropout", "attention_dropout"):
+        if isinstance(getattr(model.config, key, None), float):
+            setattr(model.config, key, rate)
+
+
 def count_parameters(model: nn.Module) -> int:
     """Distinct parameters (shared tensors counted once)."""
     return sum(p.numel() for p in model.parameters())

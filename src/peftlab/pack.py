@@ -35,6 +35,23 @@ class Router:
         self.members = members
         self.route: torch.Tensor | None = None
         self.by_member = False  # rows are the members themselves, in order (prefix MLPs)
+        self.only: int | None = None  # every row is this member's (its evaluation)
+
+    @property
+    def member(self) -> int | None:
+        """The one member every row belongs to, if there is one: the module then computes as
+        the unpacked method does, on that member's tensors (bit for bit an unpacked run's
+        computation: a member's evaluation and a pack of one)."""
+        return 0 if self.members == 1 else self.only
+
+    @contextlib.contextmanager
+    def evaluating(self, member: int) -> Iterator[None]:
+        """Every row that goes through the model inside the block is member `member`'s."""
+        previous, self.only = self.only, member
+        try:
+            yield
+        finally:
+            self.only = previous
 
     @contextlib.contextmanager
     def routing(self, route: torch.Tensor) -> Iterator[None]:
@@ -89,8 +106,8 @@ class Stack:
 
 def per_row(stack: Stack, router: Router, n: int) -> torch.Tensor:
     """Each of `n` rows' tensor: `[n, *shape]` (a view for a pack of one)."""
-    if router.members == 1:
-        return stack.live.expand(n, *stack.live.shape[1:])
+    if router.member is not None:
+        return stack.live[router.member].expand(n, *stack.live.shape[1:])
     return stack.live[router.rows(n)]
 
 
@@ -109,8 +126,9 @@ class RoutedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight_stack.live
         b = None if self.bias_stack is None else self.bias_stack.live
-        if self.router.members == 1:  # exactly nn.Linear's computation
-            return F.linear(x, w[0], None if b is None else b[0])
+        m = self.router.member
+        if m is not None:  # exactly nn.Linear's computation
+            return F.linear(x, w[m], None if b is None else b[m])
         n = x.shape[0]
         if self.router.by_member:
             if n != len(w):

@@ -12,6 +12,7 @@ Every file is written atomically.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -35,8 +36,14 @@ from peftlab.files import save_tensors, write_json, write_jsonl, write_yaml
 from peftlab.locks import describe_holder, run_lock
 from peftlab.memory import PeakMemory
 from peftlab.methods import Baseline, Method, MethodContext, get_method
-from peftlab.models import count_parameters, default_tokenizer_for, load_model, load_tokenizer
-from peftlab.pack import Pack
+from peftlab.models import (
+    count_parameters,
+    default_tokenizer_for,
+    load_model,
+    load_tokenizer,
+    set_dropout,
+)
+from peftlab.pack import Pack, initial_state
 from peftlab.records import (
     ADAPTER,
     CHECKPOINTS,
@@ -50,7 +57,7 @@ from peftlab.records import (
     temporaries,
 )
 from peftlab.tasks import ClassificationTask, Splits, Task, build_task, prepare_splits
-from peftlab.train import train
+from peftlab.train import Member, TrainOutcome, train_pack
 
 log = logging.getLogger("peftlab")
 
@@ -130,15 +137,25 @@ class Setup:
     base_params: int = 0
     device: torch.device = torch.device("cpu")
     bf16: bool = False  # training
+    member: int = 0  # its index in the model's pack
     _features: dict[str, Features] = field(default_factory=dict)
+    # the members of a pack share validation and test examples: tokenised once for all
+    _eval_features: dict[str, Features] = field(default_factory=dict)
 
     def features(self, split: str) -> Features:
         """The split tokenised (once)."""
-        if split not in self._features:
-            self._features[split] = tokenize(self.tokenizer, getattr(self.splits, split),
-                                             self.cfg.max_source_length,
-                                             self.cfg.max_target_length)
-        return self._features[split]
+        cache = self._features if split == "train" else self._eval_features
+        if split not in cache:
+            cache[split] = tokenize(self.tokenizer, getattr(self.splits, split),
+                                    self.cfg.max_source_length, self.cfg.max_target_length)
+        return cache[split]
+
+    def alone(self) -> contextlib.AbstractContextManager:
+        """The model computing for this run alone (its member of a pack of several)."""
+        pack = getattr(self.model, "peftlab_pack", None)
+        if pack is None or pack.members == 1:
+            return contextlib.nullcontext()
+        return pack.router.evaluating(self.member)
 
     def eval_settings(self, split: str, progress: bool) -> EvalSettings:
         return EvalSettings(self.cfg.eval_batch_size, self.cfg.max_new_tokens, self.cfg.num_beams,
@@ -153,8 +170,10 @@ class Setup:
         if isinstance(self.method, Baseline):
             return evaluate_predictions(self.task, self.method.predict(self.splits.train, examples),
                                         examples)
-        return evaluate_model(self.model, self.tokenizer, self.task, examples,
-                              features or self.features(split), self.eval_settings(split, progress))
+        with self.alone():
+            return evaluate_model(self.model, self.tokenizer, self.task, examples,
+                                  features or self.features(split),
+                                  self.eval_settings(split, progress))
 
 
 def setup(cfg: RunConfig, for_inference: bool = False, pack: bool = True) -> Setup:
@@ -163,34 +182,77 @@ def setup(cfg: RunConfig, for_inference: bool = False, pack: bool = True) -> Set
     A method that trains is set up as a pack of one (peftlab.pack): the one way a run trains,
     alone or beside other runs. `pack=False` leaves the method's own modules (the benchmark's
     reference pipeline trains those)."""
-    task = build_task(cfg.task, cfg.task_args)
-    method = get_method(cfg.method)
+    return setup_pack([cfg], for_inference, pack)[0]
+
+
+# What the members of a pack may differ in (peftlab.pack): everything else is one model, one
+# method and size, one schedule shape (steps, batches, evaluations) for all of them.
+PACK_FREE_KEYS = ("seed", "learning_rate", "output_dir")
+
+
+def pack_key(cfg: RunConfig) -> str:
+    """Runs with equal keys can train in one pack."""
+    import json
+
+    return json.dumps({k: v for k, v in cfg.model_dump(mode="json").items()
+                       if k not in PACK_FREE_KEYS}, sort_keys=True)
+
+
+def setup_pack(cfgs: list[RunConfig], for_inference: bool = False, pack: bool = True
+               ) -> list[Setup]:
+    """One setup per run, all on ONE model: the runs' method tensors are the members of its
+    pack, each initialised as its run alone would be (seeded by its own seed)."""
+    first = cfgs[0]
+    if len({pack_key(c) for c in cfgs}) > 1:
+        raise PeftlabError("the runs of a pack may differ only in "
+                           f"{', '.join(PACK_FREE_KEYS)}")
+    task = build_task(first.task, first.task_args)
+    method = get_method(first.method)
     if isinstance(method, Baseline) and method.task_kind != task.kind:
         raise PeftlabError(f"baseline `{method.name}` is for {method.task_kind} tasks; "
                            f"task `{task.name}` is {task.kind}")
-    splits = prepare_splits(task, cfg.train_size, cfg.val_size, cfg.test_size, cfg.seed)
-    s = Setup(cfg, task, splits, method)
+    if len(cfgs) > 1 and (not method.trains or method.route is None):
+        raise PeftlabError(f"method `{method.name}` cannot be packed: "
+                           + ("it does not train" if not method.trains
+                              else "it has no routed form (peftlab.pack)"))
+    setups = [Setup(cfg, task, prepare_splits(task, cfg.train_size, cfg.val_size, cfg.test_size,
+                                              cfg.seed), method, member=m)
+              for m, cfg in enumerate(cfgs)]
     if isinstance(method, Baseline):
-        return s
-    model = load_model(cfg.model)
-    tokenizer_path = cfg.tokenizer or default_tokenizer_for(cfg.model)
-    s.tokenizer = load_tokenizer(tokenizer_path)
-    s.base_params = count_parameters(model)
-    check_label_tokens(task, s.tokenizer)
-    torch.manual_seed(cfg.seed)  # method initialisation (LoRA A, prompt draw) follows the seed
-    ctx = MethodContext(tokenizer_path, cfg.max_steps)
-    args = method.Args.model_validate(cfg.method_args)
+        return setups
+    model = load_model(first.model)
+    if first.dropout is not None:
+        set_dropout(model, first.dropout)
+    tokenizer_path = first.tokenizer or default_tokenizer_for(first.model)
+    tokenizer = load_tokenizer(tokenizer_path)
+    base_params = count_parameters(model)
+    check_label_tokens(task, tokenizer)
+    ctx = MethodContext(tokenizer_path, first.max_steps)
+    args = method.Args.model_validate(first.method_args)
     try:
-        s.model = method.apply(model, args, ctx, for_inference)
+        # each member's tensors as its run alone starts them (before the base model changes)
+        states = [initial_state(method, args, ctx, model, cfg.seed) for cfg in cfgs] \
+            if len(cfgs) > 1 else None
+        torch.manual_seed(first.seed)  # method initialisation (LoRA A, prompt draw) follows the seed
+        model = method.apply(model, args, ctx, for_inference)
     except ValueError as e:
         raise PeftlabError(f"method `{method.name}`: {e}") from None
-    s.device = resolve_device(cfg)
-    s.bf16 = use_bf16(cfg, s.device)
-    s.model.to(s.device)
+    device = resolve_device(first)
+    model.to(device)
     if pack and method.trains:
-        state = {n: p.detach() for n, p in s.model.named_parameters() if p.requires_grad}
-        Pack(s.model, [state], method.route)
-    return s
+        if states is None:
+            states = [{n: p.detach() for n, p in model.named_parameters() if p.requires_grad}]
+        Pack(model, [{n: t.to(device) for n, t in st.items()} for st in states], method.route)
+    eval_features: dict[str, Features] = {}
+    for s in setups:
+        if any([e.id for e in getattr(s.splits, split)]
+               != [e.id for e in getattr(setups[0].splits, split)]
+               for split in ("validation", "test")):
+            raise PeftlabError("the runs of a pack must share their validation and test examples")
+        s.tokenizer, s.model, s.base_params, s.device = tokenizer, model, base_params, device
+        s.bf16 = use_bf16(s.cfg, device)
+        s._eval_features = eval_features
+    return setups
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -206,12 +268,13 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def check_attention_memory(s: Setup) -> None:
+def check_attention_memory(s: Setup, rows: int = 1) -> None:
     """Refuse, before allocating, a run whose attention scores cannot fit: they grow with the
     square of the longest input, and `max_source_length: 100000` on SAMSum ended in an
     out-of-memory traceback (or, on Linux, the kernel killing the process with no message).
     A lower bound: scores, softmax and dropout mask of every encoder layer of the largest
-    batch while training (eval_batch_size, one layer at a time, when evaluating)."""
+    batch while training (`rows` runs' batches in a pack; eval_batch_size, one layer at a
+    time, when evaluating)."""
     if s.model is None:
         return
     config = s.model.config
@@ -220,7 +283,7 @@ def check_attention_memory(s: Setup) -> None:
     longest = max(max((len(x) for x in s.features(split).input_ids), default=0)
                   for split in ("train", "validation", "test"))
     per_matrix = heads * longest ** 2 * 4 * 3
-    needed = max(s.cfg.batch_size * per_matrix * layers, s.cfg.eval_batch_size * per_matrix)
+    needed = max(rows * s.cfg.batch_size * per_matrix * layers, s.cfg.eval_batch_size * per_matrix)
     free = available_memory(s.device)
     if free is not None and needed > free:
         raise PeftlabError(
@@ -295,97 +358,153 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False,
     The run folder's lock is held throughout (`locked`: the caller holds it already), so a
     `peftlab train` and a study runner never write one run at the same time.
     """
-    out = Path(cfg.output_dir)
+    return run_pack([cfg], progress, overwrite, locked)[0]
+
+
+def run_pack(cfgs: list[RunConfig], progress: bool = True, overwrite: bool = False,
+             locked: bool = False, pack_id: str | None = None) -> list[dict[str, Any]]:
+    """Train runs that differ only in seed and learning rate as one pack (peftlab.pack), each
+    into its own folder exactly as it would alone, and return their summaries. Every member's
+    lock is held throughout (`locked`: the caller holds them)."""
     started = time.perf_counter()
-    memory = PeakMemory(resolve_device(cfg)).start()
-    torch.set_num_threads(cfg.cpu_threads or os.cpu_count() or 1)  # see RunConfig.cpu_threads
-    s = setup(cfg)  # bad data or a bad model fails here, before anything is written
-    check_attention_memory(s)
-    with contextlib.nullcontext() if locked else run_lock(out) as holder:
-        if holder is not None:
-            raise RunLockedError(f"{out} is being written by {describe_holder(holder)}; wait "
-                                 "for it, or choose another output_dir")
-        return _run_held(cfg, s, started, memory, progress, overwrite)
+    memory = PeakMemory(resolve_device(cfgs[0])).start()
+    torch.set_num_threads(cfgs[0].cpu_threads or os.cpu_count() or 1)  # see RunConfig.cpu_threads
+    setups = setup_pack(cfgs)  # bad data or a bad model fails here, before anything is written
+    check_attention_memory(setups[0], rows=len(cfgs))
+    with contextlib.ExitStack() as held:
+        if not locked:
+            for cfg in cfgs:
+                holder = held.enter_context(run_lock(Path(cfg.output_dir)))
+                if holder is not None:
+                    raise RunLockedError(f"{cfg.output_dir} is being written by "
+                                         f"{describe_holder(holder)}; wait for it, or choose "
+                                         "another output_dir")
+        return _run_held(cfgs, setups, started, memory, progress, overwrite, pack_id)
 
 
 class RunLockedError(PeftlabError):
     """Another process holds the run folder's lock."""
 
 
-def _run_held(cfg: RunConfig, s: Setup, started: float, memory: PeakMemory, progress: bool,
-              overwrite: bool) -> dict[str, Any]:
-    out = Path(cfg.output_dir)
-    resume, rows, notes = prepare_output(cfg, overwrite)
-    write_yaml(out / CONFIG, cfg.model_dump())
-    counts = parameter_counts(s)
+@dataclass
+class _Record:
+    """What one run (a member) writes to its folder as it goes."""
+
+    cfg: RunConfig
+    s: Setup
+    resume: Checkpoint | None
+    rows: list[dict[str, Any]]
+    notes: list[str]
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    def log_row(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        write_jsonl(self.out / METRICS, self.rows)
+
+    def save(self, ckpt: Checkpoint) -> None:
+        save_checkpoint(self.out, ckpt)
+
+
+def _run_held(cfgs: list[RunConfig], setups: list[Setup], started: float, memory: PeakMemory,
+              progress: bool, overwrite: bool, pack_id: str | None) -> list[dict[str, Any]]:
+    records = []
+    for cfg, s in zip(cfgs, setups):
+        resume, rows, notes = prepare_output(cfg, overwrite)
+        write_yaml(Path(cfg.output_dir) / CONFIG, cfg.model_dump())
+        records.append(_Record(cfg, s, resume, rows, notes))
     setup_s = time.perf_counter() - started
+    s0 = setups[0]
+    counts = parameter_counts(s0)  # before training: prefix tuning's MLP folds away after it
+    trains = not isinstance(s0.method, Baseline) and s0.method.trains
+    outcomes: list[TrainOutcome | None] = [None] * len(records)
+    if not trains:
+        for r in records:
+            began = time.perf_counter()
+            val = r.s.evaluate("validation", progress=progress)
+            r.log_row({"step": 0, "train_loss": None,
+                       **{f"val_{k}": v for k, v in val.metrics.items()}, "lr": None,
+                       "elapsed_s": time.perf_counter() - started, "examples_per_s": None,
+                       "eval_s": time.perf_counter() - began})
+            outcomes[records.index(r)] = TrainOutcome("completed", 0, val.metrics, {})
+    else:
+        while True:
+            members = [Member(r.cfg, r.s.features("train"),
+                              functools.partial(_validate, r.s, progress), r.log_row, r.resume,
+                              r.save) for r in records]
+            try:
+                outcomes = train_pack(s0.model, s0.method, members, selection_of(s0.cfg, s0.task),
+                                      s0.device, s0.bf16, s0.tokenizer.pad_token_id, progress)
+                break
+            except CheckpointError as e:
+                # a readable checkpoint that does not fit this run (a missing tensor, a wrong
+                # shape, a bad RNG state): that run starts again from step 0, the pack on a
+                # freshly built model
+                r = records[getattr(e, "member", 0)]
+                r.notes.append(f"{r.out / CHECKPOINTS}: {e}; discarded: the run started "
+                               "again from step 0")
+                remove_checkpoints(r.out)
+                r.rows.clear()
+                r.resume = None
+                for r, s in zip(records, setup_pack(cfgs)):
+                    r.s = s
+                s0 = records[0].s
+        for r, outcome in zip(records, outcomes):
+            # the selected checkpoint is the one tested
+            r.s.method.load_state(r.s.model, outcome.best_state, r.s.member)
+    summaries = []
+    for index, (r, outcome) in enumerate(zip(records, outcomes)):
+        summaries.append(_finish(r, outcome, counts, trains, setup_s, started, memory, progress,
+                                 {"id": pack_id or Path(records[0].cfg.output_dir).name,
+                                  "size": len(records), "index": index}
+                                 if len(records) > 1 else None))
+    return summaries
 
-    def log_row(row: dict[str, Any]) -> None:
-        rows.append(row)
-        write_jsonl(out / METRICS, rows)
 
+def _validate(s: Setup, progress: bool) -> dict[str, float]:
+    return s.evaluate("validation", s.features("validation"), progress).metrics
+
+
+def _finish(r: _Record, outcome: TrainOutcome, counts: dict[str, Any], trains: bool,
+            setup_s: float, started: float, memory: PeakMemory, progress: bool,
+            pack: dict[str, Any] | None) -> dict[str, Any]:
+    """Test the selected state once and write the run's record."""
+    cfg, s, out = r.cfg, r.s, r.out
+    for note in r.notes:
+        log.warning(note)
     summary: dict[str, Any] = {
         "status": "completed", "method": cfg.method, "task": cfg.task, "model": cfg.model,
         "train_size": cfg.train_size, "seed": cfg.seed, "learning_rate": cfg.learning_rate,
         **counts, "data": s.splits.notes,
     }
-    trains = not isinstance(s.method, Baseline) and s.method.trains
-    if not trains:
-        began = time.perf_counter()
-        val = s.evaluate("validation", progress=progress)
-        log_row({"step": 0, "train_loss": None, **{f"val_{k}": v for k, v in val.metrics.items()},
-                 "lr": None, "elapsed_s": time.perf_counter() - started, "examples_per_s": None,
-                 "eval_s": time.perf_counter() - began})
-        best_step, best_val, state, extra = 0, val.metrics, {}, {}
-    else:
-        def train_from(setup_: Setup, checkpoint: Checkpoint | None):
-            val_features = setup_.features("validation")
-            return train(
-                setup_.model, setup_.method, cfg, setup_.features("train"),
-                lambda: setup_.evaluate("validation", val_features, progress).metrics,
-                log_row, selection_of(cfg, setup_.task), setup_.device, setup_.bf16,
-                setup_.tokenizer.pad_token_id, progress,
-                resume=checkpoint, save=lambda ckpt: save_checkpoint(out, ckpt),
-            )
-
-        try:
-            outcome = train_from(s, resume)
-        except CheckpointError as e:
-            # a readable checkpoint that does not fit this run (a missing tensor, a wrong
-            # shape, a bad RNG state): start again from step 0, on a freshly built model
-            notes.append(f"{out / CHECKPOINTS}: {e}; discarded: the run started again from "
-                         "step 0")
-            remove_checkpoints(out)
-            rows.clear()
-            s = setup(cfg)
-            resume = None
-            outcome = train_from(s, None)
-        best_step, best_val, state = outcome.best_step, outcome.best_val, outcome.best_state
-        extra = {"status": outcome.status, "steps_done": outcome.steps_done,
-                 "stopped_early": outcome.stopped_early}
-        s.method.load_state(s.model, state)  # the selected checkpoint is the one tested
-    for note in notes:
-        log.warning(note)
-    summary.update(extra)
-    summary.update({"best_step": best_step, "selection_metric": selection_of(cfg, s.task)[0],
-                    "val_metrics": best_val})
-    if state:
-        save_tensors(out / ADAPTER, state)
+    if trains:
+        summary.update({"status": outcome.status, "steps_done": outcome.steps_done,
+                        "stopped_early": outcome.stopped_early})
+    summary.update({"best_step": outcome.best_step,
+                    "selection_metric": selection_of(cfg, s.task)[0],
+                    "val_metrics": outcome.best_val})
+    if outcome.best_state:
+        save_tensors(out / ADAPTER, outcome.best_state)
     # The test set is touched once, on the checkpoint chosen by validation.
     began = time.perf_counter()
     test = s.evaluate("test", progress=progress)
     test_s = time.perf_counter() - began
     write_jsonl(out / PREDICTIONS, test.rows)
+    wall = time.perf_counter() - started + (r.resume.meta["elapsed_s"] if r.resume else 0)
     summary.update({
         "test_metrics": test.metrics,
-        "time_s": phase_seconds(rows, setup_s, test_s, trained=trains),
-        "wall_time_s": time.perf_counter() - started + (resume.meta["elapsed_s"] if resume else 0),
+        "time_s": phase_seconds(r.rows, setup_s, test_s, trained=trains),
+        "wall_time_s": wall,
         "peak_memory_mb": memory.peak_mb(), "peak_memory_kind": memory.kind,
         "device": str(s.device), "bf16": s.bf16, "cpu_threads": torch.get_num_threads(),
         "eval_bf16": {split: use_bf16_eval(cfg, split) for split in ("validation", "test")},
-        "notes": notes,
+        "notes": r.notes,
         **environment(),
     })
+    if pack is not None:
+        summary["pack"] = pack
     write_json(out / SUMMARY, summary)  # last: its presence marks a finished run
     remove_checkpoints(out)
     return summary

@@ -109,127 +109,204 @@ def is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
     return value > best if higher_is_better else value < best
 
 
+@dataclass
+class Member:
+    """One run of a pack as the loop sees it: its config (seed, learning rate), its training
+    examples, and where its evaluations, metrics rows and checkpoints go. `evaluate_val` is
+    called with the pack routed to this member alone."""
+
+    cfg: RunConfig
+    features: Features
+    evaluate_val: Callable[[], dict[str, float]]
+    log_row: Callable[[dict[str, Any]], None]
+    resume: Checkpoint | None = None
+    save: Callable[[Checkpoint], None] | None = None
+
+
+def train(model: nn.Module, method: Method, cfg: RunConfig, features: Features,
+          evaluate_val: Callable[[], dict[str, float]], log_row: Callable[[dict[str, Any]], None],
+          selection: tuple[str, bool], device: torch.device, bf16: bool, pad_id: int,
+          progress: bool = True, resume: Checkpoint | None = None,
+          save: Callable[[Checkpoint], None] | None = None) -> TrainOutcome:
+    """One run: a pack of one."""
+    member = Member(cfg, features, evaluate_val, log_row, resume, save)
+    return train_pack(model, method, [member], selection, device, bf16, pad_id, progress)[0]
+
+
+class _MemberRun:
+    """A member's state through the loop: optimizer, schedule, batches, best state, clock."""
+
+    def __init__(self, index: int, member: Member, named: list[tuple[str, nn.Parameter]]):
+        self.index, self.member, self.cfg, self.named = index, member, member.cfg, named
+        self.params = [p for _, p in named]
+        self.optimizer = make_optimizer(self.cfg, self.params) if self.params else None
+        warmup = math.ceil(self.cfg.warmup_ratio * self.cfg.max_steps)
+        self.scheduler = (linear_schedule(self.optimizer, warmup, self.cfg.max_steps)
+                          if self.optimizer else None)
+        self.step, self.first_step, self.evals_without_gain, self.active = 0, 1, 0, False
+        self.window_loss, self.window_examples = 0.0, 0
+        self.start = self.window_start = time.perf_counter()
+        self.out: TrainOutcome | None = None
+        self.batches: Any = None
+
+
 @flushed_denormals()
-def train(
+def train_pack(
     model: nn.Module,
     method: Method,
-    cfg: RunConfig,
-    features: Features,
-    evaluate_val: Callable[[], dict[str, float]],
-    log_row: Callable[[dict[str, Any]], None],
+    members: list[Member],
     selection: tuple[str, bool],
     device: torch.device,
     bf16: bool,
     pad_id: int,
     progress: bool = True,
-    resume: Checkpoint | None = None,
-    save: Callable[[Checkpoint], None] | None = None,
-) -> TrainOutcome:
+) -> list[TrainOutcome]:
+    """Train every member of the model's pack (peftlab.pack) together: one forward and
+    backward over all their micro-batches per step; everything else (optimizer, schedule,
+    clipping, evaluation, best state, checkpoints, early stopping, divergence) each member's
+    own, as if it ran alone. A member that stops (diverged, stopped early, done) leaves the
+    others going. A member resumed from a later checkpoint than another simply is some steps
+    ahead: each counts its own steps."""
     metric, higher_is_better = selection
-    # the run's trainable tensors, as a pack of one holds them (peftlab.pack): a packed run
-    # and an unpacked one take the same steps
     pack = getattr(model, "peftlab_pack", None)
-    named = pack.parameters(0) if pack is not None else []
-    params = [p for _, p in named]
-    optimizer = make_optimizer(cfg, params) if params else None
-    warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
-    scheduler = linear_schedule(optimizer, warmup, cfg.max_steps) if optimizer else None
+    if pack is not None and pack.members != len(members):
+        raise ValueError(f"a pack of {pack.members} trained with {len(members)} members")
+    runs = [_MemberRun(i, m, pack.parameters(i) if pack is not None else [])
+            for i, m in enumerate(members)]
 
-    def snapshot() -> dict[str, torch.Tensor]:
-        return {k: v.detach().to("cpu", copy=True) for k, v in method.export_state(model).items()}
+    def alone(run: _MemberRun) -> contextlib.AbstractContextManager:
+        return pack.router.evaluating(run.index) if pack is not None and pack.members > 1 \
+            else contextlib.nullcontext()
 
-    def timed_val() -> tuple[dict[str, float], float]:
+    def snapshot(run: _MemberRun) -> dict[str, torch.Tensor]:
+        return {k: v.detach().to("cpu", copy=True)
+                for k, v in method.export_state(model, run.index).items()}
+
+    def timed_val(run: _MemberRun) -> tuple[dict[str, float], float]:
         # each evaluation's seconds go in its row: what validation costs a run is then on record
         began = time.perf_counter()
-        val = evaluate_val()
+        with alone(run):
+            val = run.member.evaluate_val()
         return val, time.perf_counter() - began
 
-    if resume is None:
-        # --- step 0: the untrained model is the first point of every curve
-        start = time.perf_counter()
-        val, eval_s = timed_val()
-        out = TrainOutcome("completed", 0, val, snapshot())
-        log_row({"step": 0, "train_loss": None, **{f"val_{k}": v for k, v in val.items()},
-                 "lr": scheduler.get_last_lr()[0] if scheduler else None,
-                 "elapsed_s": time.perf_counter() - start, "examples_per_s": None,
-                 "eval_s": eval_s})
-        first_step, evals_without_gain = 1, 0
-    else:
-        # --- continue exactly where the checkpoint left off: weights, optimizer, schedule, RNG
-        restore_checkpoint(resume, named, optimizer, scheduler)
-        start = time.perf_counter() - resume.meta["elapsed_s"]
-        out = TrainOutcome("completed", resume.meta["best_step"], resume.meta["best_val"],
-                           resume.best_state, steps_done=resume.step)
-        first_step, evals_without_gain = resume.step + 1, resume.meta["evals_without_gain"]
-        if cfg.early_stopping_patience and evals_without_gain >= cfg.early_stopping_patience:
-            out.stopped_early = True  # it had stopped at this checkpoint: it stays stopped
-            return out
-    if optimizer is None or cfg.max_steps == 0:
-        return out
+    # --- resumed members first: a checkpoint that does not fit raises before anything is logged
+    for run in runs:
+        resume = run.member.resume
+        if resume is None:
+            continue
+        # continue exactly where the checkpoint left off: weights, optimizer, schedule, RNG
+        try:
+            restore_checkpoint(resume, run.named, run.optimizer, run.scheduler)
+        except CheckpointError as e:
+            e.member = run.index  # the caller discards that member's checkpoint
+            raise
+        run.start = time.perf_counter() - resume.meta["elapsed_s"]
+        run.out = TrainOutcome("completed", resume.meta["best_step"], resume.meta["best_val"],
+                               resume.best_state, steps_done=resume.step)
+        run.step, run.evals_without_gain = resume.step, resume.meta["evals_without_gain"]
+    for run in runs:
+        cfg = run.cfg
+        if run.member.resume is None:
+            # --- step 0: the untrained model is the first point of every curve
+            run.start = time.perf_counter()
+            val, eval_s = timed_val(run)
+            run.out = TrainOutcome("completed", 0, val, snapshot(run))
+            run.member.log_row({"step": 0, "train_loss": None,
+                                **{f"val_{k}": v for k, v in val.items()},
+                                "lr": run.scheduler.get_last_lr()[0] if run.scheduler else None,
+                                "elapsed_s": time.perf_counter() - run.start,
+                                "examples_per_s": None, "eval_s": eval_s})
+        elif cfg.early_stopping_patience and \
+                run.evals_without_gain >= cfg.early_stopping_patience:
+            run.out.stopped_early = True  # it had stopped at this checkpoint: it stays stopped
+            continue
+        run.first_step = run.step + 1
+        run.active = run.optimizer is not None and run.step < cfg.max_steps
+    if not any(run.active for run in runs):
+        return [run.out for run in runs]
 
     model.train()
     with rand_mask_dropout(model, enabled=device.type == "cpu"):  # see peftlab.dropout
-        batches = training_batches(features, cfg.batch_size, cfg.seed, pad_id,
-                                   skip=(first_step - 1) * cfg.grad_accum_steps,
-                                   group_by_length=cfg.group_by_length)
-        window_loss, window_examples, window_start = 0.0, 0, time.perf_counter()
-        bar = tqdm(total=cfg.max_steps, initial=first_step - 1, desc="train", leave=False,
-                   disable=not progress or None)
-        for step in range(first_step, cfg.max_steps + 1):
-            # --- one optimizer step over grad_accum_steps micro-batches
-            micro_batches = [next(batches) for _ in range(cfg.grad_accum_steps)]
-            step_loss = step_gradients(pack, [micro_batches], device, bf16, pad_id)[0]
-            window_examples += sum(len(b["input_ids"]) for b in micro_batches)
-            if not math.isfinite(step_loss):
-                out.status, out.steps_done = "diverged", step
-                log_row({"step": step, "train_loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                         "elapsed_s": time.perf_counter() - start, "examples_per_s": None})
-                break
-            if cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm, foreach=True)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            method.on_step(model, step)
-            out.steps_done = step
-            window_loss += step_loss
-            bar.update(1)
-
-            # --- log and evaluate; one metrics row per step that has either
-            row: dict[str, Any] = {}
-            if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps:
-                steps_in_window = step - (out.history[-1]["step"] if out.history else first_step - 1)
-                now = time.perf_counter()
-                row = {"step": step, "train_loss": window_loss / max(steps_in_window, 1), "lr": lr,
-                       "elapsed_s": now - start,
-                       "examples_per_s": window_examples / max(now - window_start, 1e-9)}
-                window_loss, window_examples = 0.0, 0
-            if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                val, row["eval_s"] = timed_val()
-                row.update({f"val_{k}": v for k, v in val.items()})
-                row["elapsed_s"] = time.perf_counter() - start
-                if is_better(val[metric], out.best_val.get(metric), higher_is_better):
-                    out.best_step, out.best_val, out.best_state = step, val, snapshot()
-                    evals_without_gain = 0
-                else:
-                    evals_without_gain += 1
-            if row:
-                log_row(row)
-                out.history.append(row)
-                window_start = time.perf_counter()
-            if save is not None and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                # --- checkpoint after each evaluation (the final step needs none: the run ends)
-                save(Checkpoint(
-                    step, {n: p.detach().cpu() for n, p in named}, optimizer.state_dict(),
-                    out.best_state, rng_state(),
-                    {"scheduler": scheduler.state_dict(), "best_step": out.best_step,
-                     "best_val": out.best_val, "evals_without_gain": evals_without_gain,
-                     "elapsed_s": time.perf_counter() - start},
-                ))
-            if cfg.early_stopping_patience and evals_without_gain >= cfg.early_stopping_patience:
-                out.stopped_early = True
-                break
+        for run in runs:
+            run.batches = training_batches(run.member.features, run.cfg.batch_size, run.cfg.seed,
+                                           pad_id, skip=run.step * run.cfg.grad_accum_steps,
+                                           group_by_length=run.cfg.group_by_length)
+            run.window_start = time.perf_counter()
+        bar = tqdm(total=sum(r.cfg.max_steps for r in runs), initial=sum(r.step for r in runs),
+                   desc="train", leave=False, disable=not progress or None)
+        while any(run.active for run in runs):
+            # --- one optimizer step of every active member, over grad_accum_steps micro-batches
+            micro_batches = [[next(run.batches) for _ in range(run.cfg.grad_accum_steps)]
+                             if run.active else [] for run in runs]
+            losses = step_gradients(pack, micro_batches, device, bf16, pad_id)
+            for run, batches, step_loss in zip(runs, micro_batches, losses):
+                if run.active:
+                    _after_step(run, batches, step_loss, method, model, metric, higher_is_better,
+                                timed_val, snapshot)
+                    bar.update(1)
         bar.close()
     model.eval()
-    return out
+    return [run.out for run in runs]
+
+
+def _after_step(run: _MemberRun, micro_batches: list[dict[str, torch.Tensor]], step_loss: float,
+                method: Method, model: nn.Module, metric: str, higher_is_better: bool,
+                timed_val: Callable, snapshot: Callable) -> None:
+    """A member's step after the shared backward: its optimizer step, logging, evaluation,
+    checkpoint and stopping rules."""
+    cfg, out = run.cfg, run.out
+    run.step = step = run.step + 1
+    run.window_examples += sum(len(b["input_ids"]) for b in micro_batches)
+    if not math.isfinite(step_loss):
+        out.status, out.steps_done, run.active = "diverged", step, False
+        run.member.log_row({"step": step, "train_loss": step_loss,
+                            "lr": run.scheduler.get_last_lr()[0],
+                            "elapsed_s": time.perf_counter() - run.start, "examples_per_s": None})
+        return
+    if cfg.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm, foreach=True)
+    lr = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    method.on_step(model, step)
+    out.steps_done = step
+    run.window_loss += step_loss
+
+    # --- log and evaluate; one metrics row per step that has either
+    row: dict[str, Any] = {}
+    if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps:
+        previous = out.history[-1]["step"] if out.history else None
+        steps_in_window = step - (previous if previous is not None else run.first_step - 1)
+        now = time.perf_counter()
+        row = {"step": step, "train_loss": run.window_loss / max(steps_in_window, 1), "lr": lr,
+               "elapsed_s": now - run.start,
+               "examples_per_s": run.window_examples / max(now - run.window_start, 1e-9)}
+        run.window_loss, run.window_examples = 0.0, 0
+    if step % cfg.eval_every == 0 or step == cfg.max_steps:
+        val, row["eval_s"] = timed_val(run)
+        row.update({f"val_{k}": v for k, v in val.items()})
+        row["elapsed_s"] = time.perf_counter() - run.start
+        if is_better(val[metric], out.best_val.get(metric), higher_is_better):
+            out.best_step, out.best_val, out.best_state = step, val, snapshot(run)
+            run.evals_without_gain = 0
+        else:
+            run.evals_without_gain += 1
+    if row:
+        run.member.log_row(row)
+        out.history.append(row)
+        run.window_start = time.perf_counter()
+    if run.member.save is not None and step % cfg.eval_every == 0 and step < cfg.max_steps:
+        # --- checkpoint after each evaluation (the final step needs none: the run ends)
+        run.member.save(Checkpoint(
+            step, {n: p.detach().cpu() for n, p in run.named}, run.optimizer.state_dict(),
+            out.best_state, rng_state(),
+            {"scheduler": run.scheduler.state_dict(), "best_step": out.best_step,
+             "best_val": out.best_val, "evals_without_gain": run.evals_without_gain,
+             "elapsed_s": time.perf_counter() - run.start},
+        ))
+    if cfg.early_stopping_patience and run.evals_without_gain >= cfg.early_stopping_patience:
+        out.stopped_early = True
+        run.active = False
+    elif step >= cfg.max_steps:
+        run.active = False

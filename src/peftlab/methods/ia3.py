@@ -52,8 +52,8 @@ class RoutedIA3(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         live = self.scale.live
-        if self.router.members == 1:
-            scaling = live[0].flatten()
+        if self.router.member is not None:
+            scaling = live[self.router.member].flatten()
         else:
             rows = per_row(self.scale, self.router, x.shape[0])
             scaling = rows.reshape(len(rows), *([1] * (x.dim() - 2)), -1)

@@ -41,8 +41,8 @@ class RoutedLayerNorm(nn.Module):
         weight = self.weight_stack.live
         if weight.dtype in (torch.float16, torch.bfloat16):
             hidden_states = hidden_states.to(weight.dtype)
-        if self.router.members == 1:
-            return weight[0] * hidden_states
+        if self.router.member is not None:
+            return weight[self.router.member] * hidden_states
         rows = per_row(self.weight_stack, self.router, hidden_states.shape[0])
         return rows.view(len(rows), *([1] * (hidden_states.dim() - 2)), -1) * hidden_states
 

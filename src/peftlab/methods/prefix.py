@@ -125,9 +125,11 @@ class PrefixStore(nn.Module):
         return (self.layers[kind], 2, self.heads, self.n, self.d_kv)
 
     def _tensor(self, name: str) -> torch.Tensor:
-        """A trainable tensor with a leading member dimension (1 outside a pack)."""
+        """A trainable tensor with a leading member dimension: every member's, or the one
+        member's the router names (1 outside a pack)."""
         if self.stacks is not None:
-            return self.stacks[name].live
+            live, member = self.stacks[name].live, self.router.member
+            return live if member is None else live[member:member + 1]
         kind = name.split(".")[1]
         return (self.prefixes if name.startswith("prefixes.") else self.embeddings)[kind][None]
 
@@ -178,6 +180,8 @@ class PrefixStore(nn.Module):
         if self.plain:
             return
         with torch.no_grad():
+            if self.router is not None and self.router.only is not None:
+                raise RuntimeError("make_plain folds every member: not inside one's evaluation")
             folded = {k: self.compute(k).detach().clone() for k in self.layers}
         del self.embeddings, self.mlps
         if self.stacks is not None:
@@ -190,8 +194,9 @@ class PrefixStore(nn.Module):
         self.plain = True
 
     def folded(self, member: int = 0) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            return {f"peftlab_prefix.prefixes.{k}": self.compute(k)[member].detach().clone()
+        one = self.router.evaluating(member) if self.router is not None else contextlib.nullcontext()
+        with torch.no_grad(), one:
+            return {f"peftlab_prefix.prefixes.{k}": self.compute(k)[0].detach().clone()
                     for k in self.layers}
 
 
