@@ -1,27 +1,39 @@
-"""Dropout with `torch.rand` masks: nn.Dropout's distribution, scaling and gradient; swapped
-in for training on CPU and put back afterwards."""
+"""Dropout while training: each member's masks from its own generator at its own shape, with
+nn.Dropout's distribution, scaling and gradient; swapped in for training, put back after."""
 
 import pytest
 import torch
 from torch import nn
 
-from peftlab.dropout import RandMaskDropout, rand_mask_dropout
+from peftlab.dropout import MemberDropout, MemberMasks, member_dropout
+
+CPU = torch.device("cpu")
+
+
+def batch(rows: int, source: int, target: int) -> dict[str, torch.Tensor]:
+    return {"input_ids": torch.ones(rows, source, dtype=torch.long),
+            "labels": torch.ones(rows, target, dtype=torch.long)}
+
+
+def alone(seed: int, x_batch: dict, shape: tuple, p: float = 0.1, sides=("encoder",)):
+    masks = MemberMasks([seed], CPU)
+    masks.set_batch([x_batch], [0])
+    return masks.apply(torch.ones(shape), p, sides)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
 def test_drops_a_fraction_p_and_scales_the_rest_like_nn_dropout(p):
-    torch.manual_seed(0)
-    x = torch.ones(1_000_000)
-    out = RandMaskDropout(p)(x)
-    reference = nn.Dropout(p)(x)
+    out = alone(0, batch(100, 100, 5), (100, 100, 100), p)
+    reference = nn.Dropout(p)(torch.ones(100, 100, 100))
     assert (out == 0).float().mean().item() == pytest.approx(p, abs=0.002)
     assert set(out.unique().tolist()) == set(reference.unique().tolist())  # {0, 1 / (1 - p)}
 
 
 def test_gradient_flows_through_kept_elements_only():
-    torch.manual_seed(0)
-    x = torch.randn(64, 32, requires_grad=True)
-    out = RandMaskDropout(0.3)(x)
+    masks = MemberMasks([0], CPU)
+    masks.set_batch([batch(64, 32, 4)], [0])
+    x = torch.randn(64, 32, 8, requires_grad=True)
+    out = MemberDropout(0.3, "encoder", masks)(x)
     grad = torch.randn_like(out)
     out.backward(grad)
     kept = out.detach() != 0
@@ -30,23 +42,34 @@ def test_gradient_flows_through_kept_elements_only():
 
 
 def test_identity_in_eval_mode_and_for_p_zero():
-    x = torch.randn(8, 8)
-    assert RandMaskDropout(0.5).eval()(x) is x
-    assert RandMaskDropout(0.0)(x) is x
-    assert (RandMaskDropout(1.0)(x) == 0).all()
+    masks = MemberMasks([0], CPU)
+    masks.set_batch([batch(8, 8, 2)], [0])
+    x = torch.randn(8, 8, 4)
+    assert MemberDropout(0.5, "encoder", masks).eval()(x) is x
+    assert MemberDropout(0.0, "encoder", masks)(x) is x
+    assert (MemberDropout(1.0, "encoder", masks)(x) == 0).all()
 
 
-def test_masks_follow_the_seed_and_bf16_keeps_its_dtype():
-    x = torch.ones(10_000)
-    torch.manual_seed(3)
-    a = RandMaskDropout(0.1)(x)
-    torch.manual_seed(3)
-    b = RandMaskDropout(0.1)(x)
-    c = RandMaskDropout(0.1)(x)
-    assert torch.equal(a, b) and not torch.equal(b, c)
-    y = RandMaskDropout(0.1)(torch.ones(100_000, dtype=torch.bfloat16))
-    assert y.dtype == torch.bfloat16
-    assert (y == 0).float().mean().item() == pytest.approx(0.1, abs=0.005)
+def test_a_members_masks_are_the_ones_it_draws_alone_whatever_it_is_packed_with():
+    first, second = batch(2, 5, 3), batch(3, 9, 7)  # the second is longer on both sides
+    masks = MemberMasks([11, 12], CPU)
+    masks.set_batch([first, second], [0, 1])
+    hidden = masks.apply(torch.ones(5, 9, 16), 0.3, ("encoder",))
+    decoder = masks.apply(torch.ones(5, 7, 16), 0.3, ("decoder",))
+    # attention probabilities of a cross-attention with 4 prefix keys in front
+    probs = masks.apply(torch.ones(5, 2, 7, 4 + 9), 0.3, (None, "decoder", "encoder"))
+    own = MemberMasks([11], CPU)
+    own.set_batch([first], [0])
+    assert torch.equal(hidden[:2, :5], own.apply(torch.ones(2, 5, 16), 0.3, ("encoder",)))
+    assert torch.equal(decoder[:2, :3], own.apply(torch.ones(2, 3, 16), 0.3, ("decoder",)))
+    assert torch.equal(probs[:2, :, :3, :4 + 5],
+                       own.apply(torch.ones(2, 2, 3, 4 + 5), 0.3, (None, "decoder", "encoder")))
+    assert (hidden[:2, 5:] == 0).all()  # padding: nothing drawn for it
+    other = MemberMasks([12], CPU)  # the second member, alone
+    other.set_batch([second], [0])
+    assert torch.equal(hidden[2:], other.apply(torch.ones(3, 9, 16), 0.3, ("encoder",)))
+    # a member's stream is its own: another seed draws other masks
+    assert not torch.equal(hidden[:2, :5], hidden[2:4, :5])
 
 
 def test_swaps_every_dropout_of_a_peft_model_inside_the_block_only():
@@ -58,21 +81,23 @@ def test_swaps_every_dropout_of_a_peft_model_inside_the_block_only():
         r=2, lora_dropout=0.2, target_modules=["q", "v"], task_type="SEQ_2_SEQ_LM"))
     before = [(n, m) for n, m in model.named_modules() if type(m) is nn.Dropout]
     assert any("lora_dropout" in n for n, _ in before)
-    with rand_mask_dropout(model):
-        inside = {n: m for n, m in model.named_modules() if isinstance(m, nn.Dropout)}
+    with member_dropout(model, MemberMasks([0], CPU)):
+        inside = {n: m for n, m in model.named_modules() if isinstance(m, MemberDropout)}
         assert set(inside) == {n for n, _ in before}
-        assert all(type(m) is RandMaskDropout and m.p == dict(before)[n].p
-                   for n, m in inside.items())
+        assert all(m.p == dict(before)[n].p for n, m in inside.items())
+        assert {m.side for m in inside.values()} == {"encoder", "decoder"}
+        cross = [n for n, m in model.named_modules() if hasattr(m, "peftlab_dropout")
+                 and n.endswith("EncDecAttention")]
+        assert cross and all(model.get_submodule(n).peftlab_dropout[1:] == ("decoder", "encoder")
+                             for n in cross)
         model.eval()  # as an evaluation between training steps does
     after = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Dropout)]
     assert [(n, id(m)) for n, m in after] == [(n, id(m)) for n, m in before]
     assert not any(m.training for _, m in after)  # the mode set inside carried over
-    with rand_mask_dropout(model, enabled=False):
-        assert not any(type(m) is RandMaskDropout for m in model.modules())
+    assert not any(hasattr(m, "peftlab_dropout") for m in model.modules())
 
 
-def test_training_on_cpu_uses_rand_masks_and_a_run_repeats_from_its_seed(tmp_path,
-                                                                          monkeypatch):
+def test_training_draws_member_masks_and_a_run_repeats_from_its_seed(tmp_path, monkeypatch):
     import json
 
     import peftlab.dropout as dropout
@@ -80,13 +105,13 @@ def test_training_on_cpu_uses_rand_masks_and_a_run_repeats_from_its_seed(tmp_pat
     from peftlab.run import run
 
     calls = []
-    original = dropout.RandMaskDropout.forward
+    original = dropout.MemberMasks.apply
 
-    def counted(self, x):
-        calls.append(self.training)
-        return original(self, x)
+    def counted(self, x, p, sides):
+        calls.append(sides)
+        return original(self, x, p, sides)
 
-    monkeypatch.setattr(dropout.RandMaskDropout, "forward", counted)
+    monkeypatch.setattr(dropout.MemberMasks, "apply", counted)
     losses = []
     for i in range(2):
         cfg = resolve_run_config({
@@ -96,5 +121,17 @@ def test_training_on_cpu_uses_rand_masks_and_a_run_repeats_from_its_seed(tmp_pat
         run(cfg, progress=False)
         rows = (tmp_path / f"run{i}" / "metrics.jsonl").read_text().splitlines()
         losses.append([json.loads(r)["train_loss"] for r in rows])
-    assert True in calls  # T5's dropout ran through RandMaskDropout while training
+    assert ("encoder",) in calls and ("decoder",) in calls  # T5's dropout modules
+    assert (None, "decoder", "encoder") in calls  # its attention-probability dropout
     assert losses[0] == losses[1] and len(losses[0]) == 4  # step 0 and steps 1-3
+
+
+def test_a_cross_attentions_key_and_value_inputs_are_the_encoders():
+    from peftlab.dropout import side_of
+
+    base = "base_model.model.decoder.block.0.layer.1.EncDecAttention"
+    assert side_of(f"{base}.k.lora_dropout.default") == "encoder"
+    assert side_of(f"{base}.v.lora_dropout.default") == "encoder"
+    assert side_of(f"{base}.q.lora_dropout.default") == "decoder"
+    assert side_of("base_model.model.decoder.block.0.layer.1.dropout") == "decoder"
+    assert side_of("encoder.block.1.layer.1.DenseReluDense.dropout") == "encoder"

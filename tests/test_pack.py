@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from peftlab.data import collate, tokenize
+from peftlab.dropout import use_member_attention
 from peftlab.methods import METHODS, MethodContext
 from peftlab.models import load_model
 from peftlab.pack import Pack, concat_batches, decoder_inputs, initial_state, step_gradients
@@ -56,6 +57,7 @@ def unpacked_run(method, args, ctx, seed, lr, batches, model_name="t5-tiny"):
     """What an unpacked run does: seed, apply, AdamW with clipping, step by step."""
     torch.manual_seed(seed)
     model = no_dropout(method.apply(load_model(model_name), args, ctx, False))
+    use_member_attention(model)  # the attention every trainable run computes with
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     losses = []

@@ -1,6 +1,6 @@
 """Packed runs: every member of a pack writes the run folder its unpacked run writes.
 
-With dropout off (`dropout: 0`), a member of a pack takes the same batches as its run alone,
+A member of a pack takes the same batches and dropout masks as its run alone,
 its training losses agree within 1e-4 relative at every logged step, and it selects the same
 step and makes the same test predictions. The packed forward computes each row with its
 member's tensors gathered per row (a batched product instead of one matrix product): equal
@@ -87,14 +87,30 @@ def pack_and_alone(tmp_path, members=MEMBERS, **overrides):
 @pytest.mark.parametrize("method", list(METHOD_ARGS))
 def test_each_member_of_a_pack_is_its_unpacked_run_sst2(tmp_path, method):
     summaries = pack_and_alone(tmp_path, method=method, method_args=METHOD_ARGS[method])
-    assert [s["pack"] for s in summaries] == [{"id": "p0", "size": 3, "index": i}
-                                              for i in range(3)]
+    assert [{k: s["pack"][k] for k in ("id", "size", "index")} for s in summaries] == [
+        {"id": "p0", "size": 3, "index": i} for i in range(3)]
+    for s in summaries:  # a member records its share of the pack's time
+        assert s["wall_time_s"] == pytest.approx(s["pack"]["wall_time_s"] / 3)
     for i in range(len(MEMBERS)):
         assert_same_run(tmp_path / f"packed{i}", tmp_path / f"alone{i}")
     # the members really differ: not one run written three times
     losses = {tuple(r["train_loss"] for r in read_jsonl(tmp_path / f"packed{i}" / "metrics.jsonl"))
               for i in range(3)}
     assert len(losses) == 3
+
+
+@pytest.mark.parametrize("method,task", [(m, "sst2") for m in METHOD_ARGS] + [
+    ("lora", "samsum"), ("prefix", "samsum")])
+def test_with_dropout_each_member_draws_the_masks_of_its_unpacked_run(tmp_path, method, task):
+    """Dropout on (T5's 0.1, and LoRA's own): a member's masks are drawn from its own
+    generator at its own shapes (peftlab.dropout), so it still is its unpacked run."""
+    args = dict(METHOD_ARGS[method], **({"dropout": 0.1} if method == "lora" else {}))
+    samsum = dict(task="samsum", train_size=8, val_size=4, test_size=4, max_new_tokens=6,
+                  max_source_length=96, max_target_length=24, batch_size=2)
+    pack_and_alone(tmp_path, method=method, method_args=args, dropout=0.1,
+                   **(samsum if task == "samsum" else {}))
+    for i in range(len(MEMBERS)):
+        assert_same_run(tmp_path / f"packed{i}", tmp_path / f"alone{i}")
 
 
 @pytest.mark.parametrize("method", ["lora", "prefix", "prompt"])
@@ -144,3 +160,110 @@ def test_runs_that_differ_in_more_than_seed_and_rate_are_refused(tmp_path):
     with pytest.raises(PeftlabError, match="`full` cannot be packed"):
         run_pack(full, progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "f0").exists()
+
+
+# --- studies run in packs -------------------------------------------------------------------
+
+STUDY = {
+    "name": "packed",
+    "base": {"model": "t5-tiny", "max_steps": 12, "eval_every": 3, "log_every": 3,
+             "batch_size": 4, "val_size": 8, "test_size": 12, "dropout": 0.0},
+    "tasks": {"sst2": {}},
+    "methods": [{"method": "untuned"}, {"method": "full", "learning_rates": [1e-4]},
+                {"method": "lora", "learning_rates": [1e-3, 1e-2]},
+                {"method": "prompt", "sizes": {"num_virtual_tokens": [4]},
+                 "learning_rates": [0.3]}],
+    "train_sizes": [16],
+    "seeds": [0, 1, 2],
+}
+
+
+def run_study(tmp_path, folder, *flags):
+    import yaml
+    from typer.testing import CliRunner
+
+    from peftlab.cli import app
+
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(STUDY))
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / folder),
+                                      "--quiet", "--no-report", *flags])
+    return result.exit_code, " ".join(result.output.split())
+
+
+def run_folders(study):
+    return sorted(p.parent.relative_to(study) for p in study.rglob("config.yaml"))
+
+
+@pytest.fixture(scope="module")
+def unpacked_study(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("unpacked")
+    code, out = run_study(tmp, "alone", "--workers", "1")
+    assert code == 0, out
+    return tmp / "alone"
+
+
+def test_a_study_in_packs_writes_what_it_writes_unpacked(tmp_path, unpacked_study):
+    code, out = run_study(tmp_path, "s", "--pack", "4", "--dry-run")
+    assert code == 0, out
+    # lora: 2 rates x 3 seeds = 6 cells -> 4 + 2; prompt: 3 seeds -> 3; full, untuned alone
+    assert "packs of up to 4: 9 of the runs to run in 3 packs (sizes 4, 3, 2), 4 alone" in out
+    code, out = run_study(tmp_path, "s", "--pack", "4", "--workers", "1")
+    assert code == 0, out
+    assert "13 runs in 7 packs" in out and "13 completed" in out
+    study = tmp_path / "s"
+    assert run_folders(study) == run_folders(unpacked_study)
+    packed = {}
+    for folder in run_folders(study):
+        summary = read_json(study / folder / "summary.json")
+        if "pack" in summary:
+            packed.setdefault(summary["pack"]["id"], []).append(summary["pack"]["index"])
+        assert_same_run(study / folder, unpacked_study / folder)
+    assert sorted(sorted(v) for v in packed.values()) == [[0, 1], [0, 1, 2], [0, 1, 2, 3]]
+
+
+def test_a_pack_killed_mid_training_resumes_to_the_same_files(tmp_path, unpacked_study):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    path = tmp_path / "study.yaml"
+    study = dict(STUDY, methods=[STUDY["methods"][2]], pack=6)  # lora: one pack of 6
+    study["base"] = dict(STUDY["base"], max_steps=12)
+    path.write_text(yaml.safe_dump(study))
+    folder = tmp_path / "s"
+    cmd = [sys.executable, "-m", "peftlab", "run", str(path), "--out", str(folder), "--quiet",
+           "--no-report", "--workers", "1"]
+    pointers = [folder / "sst2" / "lora" / "n16" / f"lr{lr}" / f"seed{s}" / "checkpoints" /
+                "latest.json" for lr in ("0.001", "0.01") for s in range(3)]
+
+    def some_checkpoint() -> bool:  # one member has checkpointed at step 6 or later
+        for p in pointers:
+            try:
+                if read_json(p)["step"] >= 6:
+                    return True
+            except Exception:  # noqa: BLE001 - not written yet, or being replaced
+                pass
+        return False
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not some_checkpoint():
+        time.sleep(0.002)
+    assert proc.poll() is None, "the pack ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not any((p.parent.parent / "summary.json").exists() for p in pointers)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "6 completed" in done.stdout
+    for p in pointers:
+        run_dir = p.parent.parent
+        key = run_dir.relative_to(folder)
+        assert read_json(run_dir / "summary.json")["pack"]["size"] == 6
+        assert not (run_dir / "checkpoints").exists()
+        assert_same_run(run_dir, unpacked_study / key)

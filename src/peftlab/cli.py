@@ -81,6 +81,10 @@ def run_cmd(
         min=1, help="runs in parallel (processes); default: runs-per-gpu per GPU, or on CPU "
         "as many as the CPUs hold at each run's cpu_threads")] = None,
     runs_per_gpu: Annotated[int, typer.Option(min=1, help="runs sharing one GPU")] = 1,
+    pack: Annotated[int | None, typer.Option(
+        min=1, help="runs trained together on one copy of the base model: cells differing "
+        "only in seed and learning rate, of lora, ia3, ln, prompt or prefix; default: the "
+        "study file's `pack` (1: every run alone)")] = None,
     backend: Annotated[str, typer.Option(help="local or ray")] = "local",
     address: Annotated[str | None, typer.Option(help="Ray cluster address; none: local")] = None,
     dry_run: Annotated[bool, typer.Option(help="print the grid and its cost, run nothing")] = False,
@@ -105,17 +109,21 @@ def run_cmd(
         plan = st.plan(cells, retry_failed, rerun_changed)
         for message in plan.messages():
             err_console.print(message, highlight=False, soft_wrap=True)
-        console.print(st.describe(cells, plan.todo), highlight=False)
+        pack_size = pack or config.pack
+        console.print(st.describe(cells, plan.todo, pack_size), highlight=False)
         if dry_run:
             return folder, None
         st.apply(plan)
         st.clean_finished(cells)
         st.write_study_files(config, cells, folder)
-        n_workers = workers or st.default_workers(plan.todo, runs_per_gpu)
+        groups = st.packs(plan.todo, pack_size)
+        n_workers = workers or st.default_workers(plan.todo, runs_per_gpu, len(groups))
         if len(plan.todo) > 1 and backend == "local":
-            console.print(f"{len(plan.todo)} runs, {n_workers} at a time", highlight=False)
+            in_packs = "" if len(groups) == len(plan.todo) else f" in {len(groups)} packs"
+            console.print(f"{len(plan.todo)} runs{in_packs}, {n_workers} at a time",
+                          highlight=False)
         return folder, st.execute(plan.todo, n_workers, backend, address, runs_per_gpu,
-                                  progress=not quiet)
+                                  progress=not quiet, pack=pack_size)
 
     folder, outcome = _guarded(go)
     if outcome is None:

@@ -1,16 +1,22 @@
-"""Dropout whose masks come from `torch.rand` rather than `bernoulli_`, for training on CPU.
+"""Dropout while training: each run's masks from its own generator, at its own shape.
 
-On CPU, `nn.Dropout` draws its mask with `bernoulli_(1 - p)`, which draws a double per
-element (two 32-bit draws of torch's Mersenne twister, on one thread); `torch.rand` draws a
-float (one). Keeping an element when its uniform draw is at least `p` is the same Bernoulli
-distribution (p on the float grid of 2^-24), drawn from the same seeded generator, so runs
-stay reproducible and resume exactly. On this project's CPU, `bernoulli_` was 15.6% of a
-LoRA training step (SST-2 shapes, torch profiler); an SST-2 hidden state's mask took 1.6 ms
-with `bernoulli_` and 0.8 ms with `rand`, and a LoRA step ran 1.07x faster (median of 12
-back-to-back pairs). On a GPU torch's fused dropout kernel is already fast: not used there.
+Why not `nn.Dropout`: in a pack (peftlab.pack) the rows of several runs go through one
+forward. One mask drawn for the whole batch from torch's global generator would give each run
+masks that depend on the runs packed with it (how many, how long their batches are), so a
+run's result would depend on how it was scheduled. Here each member draws its masks from its
+own generator (seeded from its seed), for the shape its rows have when it trains alone (its
+own padded lengths), padded to the batch's lengths: a member draws exactly what it draws
+alone, whatever it is packed with. A run alone is a pack of one and draws the same way.
 
-T5's attention-probability dropout is a functional call inside its attention, not a module,
-and keeps torch's kernel.
+Masks come from `torch.rand`, not `bernoulli_`: on CPU `bernoulli_` draws a double per element
+(two 32-bit draws of torch's Mersenne twister, on one thread) where `torch.rand` draws a float.
+Keeping an element when its uniform draw is at least `p` is the same Bernoulli distribution (p
+on the float grid of 2^-24). On this project's CPU, `bernoulli_` was 15.6% of a LoRA training
+step (SST-2 shapes, torch profiler); a LoRA step ran 1.07x faster with `rand` masks.
+
+T5's attention-probability dropout is a functional call inside its attention function:
+`attention_forward` is transformers' eager T5 attention with this dropout, the attention
+implementation while training (prefix tuning's attention calls it too).
 """
 
 from __future__ import annotations
@@ -18,39 +24,164 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+ATTENTION = "peftlab_eager"
+SIDES = ("encoder", "decoder")
+CROSS_ATTENTION = ("EncDecAttention", "encoder_attn")  # T5's, BART's
 
 
-class RandMaskDropout(nn.Dropout):
-    """`nn.Dropout` (same p, same scaling by 1 / (1 - p)) with a mask drawn by `torch.rand`."""
+def dropout_seed(seed: int) -> int:
+    """A member's dropout stream: derived from its seed, and not torch.manual_seed(seed)'s
+    stream (which drew its initialisation)."""
+    return int(np.random.SeedSequence([seed, 0x44524F50]).generate_state(1)[0])
+
+
+class MemberMasks:
+    """The members' dropout generators, and the rows of the batch going through the model:
+    `segments` (member, first row, end row, its own length of each side)."""
+
+    def __init__(self, seeds: list[int], device: torch.device):
+        self.generators = [torch.Generator(device=device).manual_seed(dropout_seed(s))
+                           for s in seeds]
+        self.segments: list[tuple[int, int, int, dict[str, int]]] = []
+        self.padded: dict[str, int] = {}
+
+    def set_batch(self, batches: list[dict[str, torch.Tensor]], members: list[int]) -> None:
+        """The batch about to go through the model: these members' micro-batches, in order."""
+        self.segments, start = [], 0
+        for member, batch in zip(members, batches):
+            rows = len(batch["input_ids"])
+            own = {"encoder": batch["input_ids"].shape[1], "decoder": batch["labels"].shape[1]}
+            self.segments.append((member, start, start + rows, own))
+            start += rows
+        self.padded = {side: max(s[3][side] for s in self.segments) for side in SIDES}
+
+    def apply(self, x: torch.Tensor, p: float, sides: tuple[str | None, ...]) -> torch.Tensor:
+        """Dropout of `x`, whose dimension i + 1 is a length of side `sides[i]` (None: not a
+        length: features, heads). A prefix or prompt in front of a length changes nothing:
+        the padding is at the end."""
+        if p == 0:
+            return x
+        if p >= 1:
+            return x * 0
+        if not self.segments or self.segments[-1][2] != len(x):
+            raise RuntimeError(f"dropout of {len(x)} rows, but the batch has "
+                               f"{self.segments[-1][2] if self.segments else 0}")
+        sides = sides + (None,) * (x.dim() - 1 - len(sides))
+        masks = []
+        for member, start, end, own in self.segments:
+            shape = [end - start] + [size - (self.padded[side] - own[side]) if side else size
+                                     for size, side in zip(x.shape[1:], sides)]
+            if min(shape) <= 0:
+                raise RuntimeError(f"dropout of shape {tuple(x.shape)}: lengths {sides} do "
+                                   "not match the batch")
+            # float32 draws whatever x's dtype: bf16 would round the uniform draw to 2^-8 steps
+            keep = torch.rand(shape, generator=self.generators[member], device=x.device)
+            keep = keep.ge_(p).mul_(1 / (1 - p))
+            pad = [a for full, part in zip(reversed(x.shape[1:]), reversed(shape[1:]))
+                   for a in (0, full - part)]
+            masks.append(F.pad(keep, pad))
+        return x * (masks[0] if len(masks) == 1 else torch.cat(masks)).to(x.dtype)
+
+
+class MemberDropout(nn.Module):
+    """`nn.Dropout` (same p, same scaling by 1 / (1 - p)) with each member's own masks."""
+
+    def __init__(self, p: float, side: str | None, masks: MemberMasks):
+        super().__init__()
+        self.p, self.side, self.masks = p, side, masks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        if self.p == 1:
-            return x * 0
-        # float32 draws whatever x's dtype: bf16 would round the uniform draw to 2^-8 steps
-        keep = torch.rand(x.shape, device=x.device).ge_(self.p).mul_(1 / (1 - self.p))
-        return x * keep.to(x.dtype)
+        return self.masks.apply(x, self.p, (self.side,))
+
+
+CROSS_KEY_VALUE = ("k", "v", "k_proj", "v_proj")  # projections reading the encoder's states
+
+
+def side_of(module_name: str) -> str | None:
+    """Whose length a module's inputs have: the encoder's, or the decoder's. A cross-
+    attention's key and value projections (and an adapter's dropout on them) read the
+    encoder's output."""
+    parts = module_name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in CROSS_ATTENTION and parts[i + 1] in CROSS_KEY_VALUE:
+            return "encoder"
+    return "decoder" if "decoder" in parts else "encoder" if "encoder" in parts else None
+
+
+def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
+                      value: torch.Tensor, attention_mask: torch.Tensor | None,
+                      scaling: float | None = None, dropout: float = 0.0,
+                      position_bias: torch.Tensor | None = None, **kwargs: object
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' eager T5 attention (`modeling_t5.eager_attention_forward`), its
+    probability dropout drawn per member while a pack trains."""
+    if scaling is None:
+        scaling = query.size(-1) ** -0.5
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if position_bias is not None:
+        weights = weights + position_bias
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1)
+    members = getattr(module, "peftlab_dropout", None)
+    if module.training and dropout > 0 and members is not None:
+        masks, q_side, k_side = members
+        weights = masks.apply(weights, dropout, (None, q_side, k_side))
+    else:
+        weights = F.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return out, weights
+
+
+AttentionInterface.register(ATTENTION, attention_forward)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+
+
+def use_member_attention(model: nn.Module) -> None:
+    """`attention_forward` as the model's attention, for training and evaluation alike (one
+    implementation: what validation selects is computed as the test split is). An attention
+    of peftlab's own (prefix tuning's) stays: it calls `attention_forward` itself."""
+    transformer = model.get_base_model() if hasattr(model, "get_base_model") else model
+    current = getattr(transformer.config, "_attn_implementation", None)
+    if current is not None and not current.startswith("peftlab_") \
+            and hasattr(transformer, "set_attn_implementation"):
+        transformer.set_attn_implementation(ATTENTION)
 
 
 @contextlib.contextmanager
-def rand_mask_dropout(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Every `nn.Dropout` of `model` (its own and an adapter's) replaced inside the block,
-    put back after it."""
-    swapped = []
-    if enabled:
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if type(child) is nn.Dropout:  # subclasses may do more than drop
-                    fast = RandMaskDropout(child.p)
-                    fast.train(child.training)
-                    setattr(parent, name, fast)
-                    swapped.append((parent, name, child, fast))
+def member_dropout(model: nn.Module, masks: MemberMasks) -> Iterator[None]:
+    """Inside the block, every dropout of `model` draws each member's masks: its `nn.Dropout`
+    modules (its own and an adapter's) are swapped for `MemberDropout`, and its attention
+    modules tell `attention_forward` the members' masks. Everything is put back after the
+    block."""
+    swapped, tagged = [], []
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Dropout:  # subclasses may do more than drop
+                full_name = f"{parent_name}.{name}" if parent_name else name
+                member = MemberDropout(child.p, side_of(full_name), masks)
+                member.train(child.training)
+                setattr(parent, name, member)
+                swapped.append((parent, name, child, member))
+        if isinstance(getattr(parent, "dropout", None), float):  # an attention's probability
+            q_side = side_of(parent_name)
+            k_side = "encoder" if parent_name.endswith(CROSS_ATTENTION) else q_side
+            parent.peftlab_dropout = (masks, q_side, k_side)
+            tagged.append(parent)
     try:
         yield
     finally:
-        for parent, name, child, fast in swapped:
-            child.train(fast.training)
+        for module in tagged:
+            del module.peftlab_dropout
+        for parent, name, child, member in swapped:
+            child.train(member.training)
             setattr(parent, name, child)

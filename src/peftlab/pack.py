@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.data import IGNORE_INDEX
+from peftlab.dropout import MemberMasks, use_member_attention
 
 
 class Router:
@@ -202,6 +203,7 @@ class Pack:
             route(model, self.stacks, self.router)
             self.own = []
         model.peftlab_pack = self  # what a method's export and load find the members by
+        use_member_attention(model)  # attention dropout drawn per member (peftlab.dropout)
 
     @property
     def members(self) -> int:
@@ -254,7 +256,8 @@ def decoder_inputs(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
 
 
 def step_gradients(pack: Pack, micro_batches: list[list[dict[str, torch.Tensor]]],
-                   device: torch.device, bf16: bool, pad_id: int) -> list[float | None]:
+                   device: torch.device, bf16: bool, pad_id: int,
+                   masks: MemberMasks | None = None) -> list[float | None]:
     """Backward over one optimizer step of every member at once; each member's step loss.
 
     `micro_batches[m]` is member m's micro-batches for the step (empty: the member does not
@@ -264,7 +267,8 @@ def step_gradients(pack: Pack, micro_batches: list[list[dict[str, torch.Tensor]]
     batch holding them all (dividing each micro-batch's mean by their number instead weighted
     a token of a short micro-batch more: 18.8% off on two SAMSum micro-batches of 62 and 40
     tokens). The members' losses are summed for the backward: their tensors are disjoint, so
-    each gets its own gradient.
+    each gets its own gradient. `masks`: the members' dropout (peftlab.dropout), told the
+    rows of each batch.
     """
     from peftlab.train import autocast
 
@@ -276,7 +280,10 @@ def step_gradients(pack: Pack, micro_batches: list[list[dict[str, torch.Tensor]]
     losses = torch.zeros(pack.members, device=device)
     with pack.training_step():
         for i in range(max(len(micro_batches[m]) for m in active)):
-            batch, member_of_row = concat_batches([micro_batches[m][i] for m in active], pad_id)
+            parts = [micro_batches[m][i] for m in active]
+            if masks is not None:  # each member's dropout at its own shapes
+                masks.set_batch(parts, active)
+            batch, member_of_row = concat_batches(parts, pad_id)
             route = torch.tensor(active, device=device)[member_of_row.to(device)]
             batch = {k: v.to(device) for k, v in batch.items()}
             with pack.router.routing(route), autocast(device, bf16):

@@ -198,6 +198,12 @@ def pack_key(cfg: RunConfig) -> str:
                        if k not in PACK_FREE_KEYS}, sort_keys=True)
 
 
+def packable(cfg: RunConfig) -> bool:
+    """Can this run train in a pack with others (its method has a routed form)?"""
+    method = get_method(cfg.method)
+    return not isinstance(method, Baseline) and method.trains and method.route is not None
+
+
 def setup_pack(cfgs: list[RunConfig], for_inference: bool = False, pack: bool = True
                ) -> list[Setup]:
     """One setup per run, all on ONE model: the runs' method tensors are the members of its
@@ -493,10 +499,14 @@ def _finish(r: _Record, outcome: TrainOutcome, counts: dict[str, Any], trains: b
     test_s = time.perf_counter() - began
     write_jsonl(out / PREDICTIONS, test.rows)
     wall = time.perf_counter() - started + (r.resume.meta["elapsed_s"] if r.resume else 0)
+    # a member of a pack of P records 1/P of the pack's times: its share of the machine, what
+    # the run cost (the pack's own wall time is under `pack`)
+    share = 1 / pack["size"] if pack is not None else 1.0
+    phases = phase_seconds(r.rows, setup_s, test_s, trained=trains)
     summary.update({
         "test_metrics": test.metrics,
-        "time_s": phase_seconds(r.rows, setup_s, test_s, trained=trains),
-        "wall_time_s": wall,
+        "time_s": {phase: seconds * share for phase, seconds in phases.items()},
+        "wall_time_s": wall * share,
         "peak_memory_mb": memory.peak_mb(), "peak_memory_kind": memory.kind,
         "device": str(s.device), "bf16": s.bf16, "cpu_threads": torch.get_num_threads(),
         "eval_bf16": {split: use_bf16_eval(cfg, split) for split in ("validation", "test")},
@@ -504,7 +514,7 @@ def _finish(r: _Record, outcome: TrainOutcome, counts: dict[str, Any], trains: b
         **environment(),
     })
     if pack is not None:
-        summary["pack"] = pack
+        summary["pack"] = {**pack, "wall_time_s": wall}
     write_json(out / SUMMARY, summary)  # last: its presence marks a finished run
     remove_checkpoints(out)
     return summary

@@ -8,7 +8,10 @@ next start skips finished runs and resumes unfinished ones from their checkpoint
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import itertools
+import logging
 import os
 import re
 import threading
@@ -45,6 +48,8 @@ from peftlab.records import (
     remove_run_files,
     temporaries,
 )
+
+log = logging.getLogger("peftlab")
 
 SHORT_KNOBS = {"num_virtual_tokens": "n", "num_prefix_tokens": "n"}  # labels: prompt-n20, lora-r8
 # a label or task name becomes one folder name: letters, digits and . _ + = - only, not
@@ -114,6 +119,9 @@ class StudyConfig(BaseModel):
     methods: list[MethodSpec] = Field(min_length=1)
     train_sizes: list[int | Literal["all"]] = Field(min_length=1)
     seeds: list[int] = Field(min_length=1)
+    pack: int = Field(1, ge=1, description="runs trained together on one copy of the base "
+                      "model (peftlab.pack): cells that differ only in seed and learning rate, "
+                      "of a method that can be packed; 1: every run alone")
 
     @field_validator("name")
     @classmethod
@@ -346,25 +354,93 @@ def pending(cells: list[Cell], retry_failed: bool) -> list[Cell]:
 def run_cell(config: dict[str, Any], labels: dict[str, Any], progress: bool = False) -> str:
     """Run one cell under its lock; record failures instead of raising. Returns the status
     ("locked: HOLDER" when another process holds the cell)."""
+    return run_cells([config], [labels], progress)[0]
+
+
+def run_cells(configs: list[dict[str, Any]], labels: list[dict[str, Any]],
+              progress: bool = False, pack_id: str | None = None) -> list[str]:
+    """Run cells as one pack (peftlab.pack), each under its lock; a cell another process
+    holds, or has finished since the grid was listed, is left out. A pack that fails is run
+    again one cell at a time, so that a failure is recorded in the cell that caused it (a
+    cell resumes alone from its pack's checkpoint: the files are the same)."""
+    from peftlab.run import run_pack
+
+    cfgs = [RunConfig.model_validate(c) for c in configs]
+    statuses: list[str | None] = [None] * len(cfgs)
+    with contextlib.ExitStack() as held:
+        ready = []
+        for i, cfg in enumerate(cfgs):
+            run_dir = Path(cfg.output_dir)
+            holder = held.enter_context(run_lock(run_dir))
+            if holder is not None:
+                statuses[i] = f"locked: {describe_holder(holder)}"
+            elif (run_dir / SUMMARY).exists():
+                statuses[i] = "skipped"  # another runner finished it since the grid was listed
+            else:
+                ready.append(i)
+        if len(ready) > 1:
+            try:
+                for i in ready:
+                    write_json(Path(cfgs[i].output_dir) / CELL_FILE, labels[i])
+                summaries = run_pack([cfgs[i] for i in ready], progress=progress, locked=True,
+                                     pack_id=pack_id)
+                for i, summary in zip(ready, summaries):
+                    statuses[i] = summary["status"]
+                ready = []
+            except OSError as e:
+                if e.errno in STORAGE_ERRNOS:  # every later run would fail the same way: stop
+                    raise PeftlabError(f"the study stopped at a pack of {len(ready)} cells: "
+                                       f"{describe_os_error(e)}") from None
+            except Exception as e:  # noqa: BLE001 - each cell alone records its own failure
+                log.warning("a pack of %d cells failed (%s: %s); its cells run one by one",
+                            len(ready), type(e).__name__, e)
+        for i in ready:
+            summary = Path(cfgs[i].output_dir) / SUMMARY
+            statuses[i] = (read_json(summary).get("status", "failed") if summary.exists()
+                           else _run_alone(cfgs[i], labels[i], progress))
+    return [s or "failed" for s in statuses]
+
+
+def _run_alone(cfg: RunConfig, labels: dict[str, Any], progress: bool) -> str:
+    """One cell whose lock this process holds."""
     from peftlab.run import run
 
-    cfg = RunConfig.model_validate(config)
     run_dir = Path(cfg.output_dir)
-    with run_lock(run_dir) as holder:
-        if holder is not None:
-            return f"locked: {describe_holder(holder)}"
-        if (run_dir / SUMMARY).exists():
-            return "skipped"  # another runner finished it since this one listed the grid
-        try:
-            write_json(run_dir / CELL_FILE, labels)
-            return run(cfg, progress=progress, locked=True)["status"]
-        except OSError as e:
-            if e.errno in STORAGE_ERRNOS:  # every later run would fail the same way: stop
-                raise PeftlabError(f"the study stopped at cell {run_dir}: "
-                                   f"{describe_os_error(e)}") from None
-            return _record_failure(run_dir, cfg, e)
-        except Exception as e:  # noqa: BLE001 - a failed run is a result, not the end of a study
-            return _record_failure(run_dir, cfg, e)
+    try:
+        write_json(run_dir / CELL_FILE, labels)
+        return run(cfg, progress=progress, locked=True)["status"]
+    except OSError as e:
+        if e.errno in STORAGE_ERRNOS:  # every later run would fail the same way: stop
+            raise PeftlabError(f"the study stopped at cell {run_dir}: "
+                               f"{describe_os_error(e)}") from None
+        return _record_failure(run_dir, cfg, e)
+    except Exception as e:  # noqa: BLE001 - a failed run is a result, not the end of a study
+        return _record_failure(run_dir, cfg, e)
+
+
+def packs(cells: list[Cell], size: int) -> list[list[Cell]]:
+    """The cells in packs of up to `size`: cells whose runs may train together (same task,
+    model, method and size, schedule; any seed and learning rate) and whose method can be
+    packed; every other cell alone. In grid order (a pack where its first cell is)."""
+    from peftlab.run import pack_key, packable
+
+    groups: dict[str, list[list[Cell]]] = {}
+    order: list[list[Cell]] = []
+    for cell in cells:
+        if size <= 1 or not packable(cell.config):
+            order.append([cell])
+            continue
+        chunks = groups.setdefault(pack_key(cell.config), [])
+        if not chunks or len(chunks[-1]) == size:
+            chunks.append([])
+            order.append(chunks[-1])
+        chunks[-1].append(cell)
+    return order
+
+
+def pack_name(cells: list[Cell]) -> str:
+    """A pack's id in its members' summaries: the same cells give the same id."""
+    return hashlib.sha1("\n".join(c.key for c in cells).encode()).hexdigest()[:12]
 
 
 def _record_failure(run_dir: Path, cfg: RunConfig, e: Exception) -> str:
@@ -407,14 +483,15 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def default_workers(cells: list[Cell], runs_per_gpu: int) -> int:
-    """Runs at a time when --workers is not given: runs_per_gpu per GPU; on CPU as many as
-    the CPUs hold at the cells' own thread counts (1 each by default in a study)."""
+def default_workers(cells: list[Cell], runs_per_gpu: int, groups: int | None = None) -> int:
+    """Runs (or packs: `groups` of them) at a time when --workers is not given: runs_per_gpu
+    per GPU; on CPU as many as the CPUs hold at the cells' own thread counts (1 each by
+    default in a study)."""
     gpus = gpu_count()
     if gpus:
         return gpus * runs_per_gpu
     threads = max((c.config.cpu_threads or 1 for c in cells), default=1)
-    return max(1, min(len(cells), (os.cpu_count() or 1) // threads))
+    return max(1, min(groups or len(cells), (os.cpu_count() or 1) // threads))
 
 
 @dataclass
@@ -425,9 +502,10 @@ class Outcome:
 
 def execute(cells: list[Cell], workers: int = 1, backend: Literal["local", "ray"] = "local",
             address: str | None = None, runs_per_gpu: int = 1,
-            progress: bool = True) -> Outcome:
-    """Run the cells; returns how many ended in each status, and the cells other processes
-    held."""
+            progress: bool = True, pack: int = 1) -> Outcome:
+    """Run the cells, in packs of up to `pack` (see `packs`): a worker, a Ray task or a GPU
+    slot runs one pack at a time. Returns how many ended in each status, and the cells other
+    processes held."""
     from tqdm.auto import tqdm
 
     counts: dict[str, int] = {}
@@ -442,11 +520,20 @@ def execute(cells: list[Cell], workers: int = 1, backend: Literal["local", "ray"
         bar.update(1)
         bar.set_postfix(counts)
 
+    def arguments(group: list[Cell]) -> tuple:
+        return ([c.config.model_dump() for c in group], [c.labels for c in group])
+
+    def finished(group: list[Cell], statuses: list[str]) -> None:
+        for cell, status in zip(group, statuses):
+            done(cell, status)
+
+    groups = packs(cells, pack)
     if backend == "ray":
-        _execute_ray(cells, address, runs_per_gpu, done)
+        _execute_ray(groups, address, runs_per_gpu, finished)
     elif workers <= 1:
-        for cell in cells:
-            done(cell, run_cell(cell.config.model_dump(), cell.labels, progress=progress))
+        for group in groups:
+            finished(group, run_cells(*arguments(group), progress=progress,
+                                      pack_id=pack_name(group)))
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -460,9 +547,10 @@ def execute(cells: list[Cell], workers: int = 1, backend: Literal["local", "ray"
                 queue.put(i % gpus)  # runs_per_gpu workers per GPU
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                  initargs=(queue, os.getpid())) as pool:
-            futures = {pool.submit(run_cell, c.config.model_dump(), c.labels): c for c in cells}
+            futures = {pool.submit(run_cells, *arguments(g), pack_id=pack_name(g)): g
+                       for g in groups}
             for future in as_completed(futures):
-                done(futures[future], future.result())
+                finished(futures[future], future.result())
     bar.close()
     return Outcome(counts, locked)
 
@@ -473,7 +561,8 @@ FORWARDED_ENV = ("PEFTLAB_DATA_DIR", "HF_HOME", "HF_HUB_OFFLINE", "HF_DATASETS_O
                  "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HF_DATASETS_CACHE")
 
 
-def _execute_ray(cells: list[Cell], address: str | None, runs_per_gpu: int, done: Any) -> None:
+def _execute_ray(groups: list[list[Cell]], address: str | None, runs_per_gpu: int,
+                 finished: Any) -> None:
     try:
         import ray
     except ImportError:
@@ -485,14 +574,15 @@ def _execute_ray(cells: list[Cell], address: str | None, runs_per_gpu: int, done
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": env})
     gpus = ray.cluster_resources().get("GPU", 0)
-    threads = max((c.config.cpu_threads or 1 for c in cells), default=1)
-    remote = ray.remote(num_cpus=threads, num_gpus=(1 / runs_per_gpu) if gpus else 0)(run_cell)
-    refs = {remote.remote(c.config.model_dump(), c.labels): c for c in cells}
+    threads = max((c.config.cpu_threads or 1 for g in groups for c in g), default=1)
+    remote = ray.remote(num_cpus=threads, num_gpus=(1 / runs_per_gpu) if gpus else 0)(run_cells)
+    refs = {remote.remote([c.config.model_dump() for c in g], [c.labels for c in g],
+                          pack_id=pack_name(g)): g for g in groups}
     pending_refs = list(refs)
     try:
         while pending_refs:
             ready, pending_refs = ray.wait(pending_refs, num_returns=1)
-            done(refs[ready[0]], ray.get(ready[0]))
+            finished(refs[ready[0]], ray.get(ready[0]))
     finally:
         if started_here:
             ray.shutdown()
@@ -512,9 +602,17 @@ def _wall_time(cell: Cell) -> float | None:
     return value if isinstance(value, int | float) and value > 0 else None
 
 
-def describe(cells: list[Cell], todo: list[Cell]) -> str:
-    """The --dry-run text: runs per task and method, steps, and a time estimate if possible."""
+def describe(cells: list[Cell], todo: list[Cell], pack: int = 1) -> str:
+    """The --dry-run text: runs per task and method, steps, packs, and a time estimate if
+    possible."""
     lines = [f"{len(cells)} runs ({len(todo)} to run, {len(cells) - len(todo)} finished)"]
+    if pack > 1:
+        groups = packs(todo, pack)
+        packed = [g for g in groups if len(g) > 1]
+        sizes = sorted({len(g) for g in packed}, reverse=True)
+        lines.append(f"packs of up to {pack}: {sum(map(len, packed))} of the runs to run in "
+                     f"{len(packed)} packs (sizes {', '.join(map(str, sizes)) or '-'}), "
+                     f"{len(groups) - len(packed)} alone")
     by: dict[tuple[str, str], list[Cell]] = {}
     for c in cells:
         by.setdefault((c.labels["task"], c.labels["method_name"]), []).append(c)

@@ -24,7 +24,7 @@ from peftlab.checkpoint import Checkpoint, rng_state, set_rng_state
 from peftlab.config import RunConfig
 from peftlab.data import Features, training_batches
 from peftlab.denormals import flushed_denormals
-from peftlab.dropout import rand_mask_dropout
+from peftlab.dropout import MemberMasks, member_dropout
 from peftlab.errors import CheckpointError
 from peftlab.methods import Method
 from peftlab.pack import step_gradients
@@ -67,10 +67,12 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int):
 
 
 def restore_checkpoint(ckpt: Checkpoint, named: list[tuple[str, nn.Parameter]],
-                       optimizer: torch.optim.Optimizer | None, scheduler: Any) -> None:
+                       optimizer: torch.optim.Optimizer | None, scheduler: Any,
+                       dropout: torch.Generator | None = None) -> None:
     """Load a checkpoint into the run, after checking that it fits: every trainable tensor
-    present with its shape, optimizer state of the parameters' shapes, a usable RNG state.
-    What does not fit raises CheckpointError (the run then starts again from step 0)."""
+    present with its shape, optimizer state of the parameters' shapes, usable RNG states
+    (`dropout`: the run's dropout generator, peftlab.dropout). What does not fit raises
+    CheckpointError (the run then starts again from step 0)."""
     def unfit(reason: str) -> CheckpointError:
         return CheckpointError(f"the checkpoint at step {ckpt.step} does not fit this run: {reason}")
 
@@ -90,8 +92,12 @@ def restore_checkpoint(ckpt: Checkpoint, named: list[tuple[str, nn.Parameter]],
             if isinstance(value, torch.Tensor) and value.dim() and tuple(value.shape) != shape:
                 raise unfit(f"optimizer `{key}` of `{named[index][0]}` has shape "
                             f"{tuple(value.shape)}, the parameter {shape}")
+    if dropout is not None and "dropout" not in ckpt.rng:
+        raise unfit("no dropout generator state (written by an older peftlab)")
     rng_before = rng_state()
     try:
+        if dropout is not None:
+            dropout.set_state(ckpt.rng["dropout"])
         set_rng_state(ckpt.rng)
         optimizer.load_state_dict(ckpt.optimizer)
         scheduler.load_state_dict(ckpt.meta["scheduler"])
@@ -173,6 +179,7 @@ def train_pack(
         raise ValueError(f"a pack of {pack.members} trained with {len(members)} members")
     runs = [_MemberRun(i, m, pack.parameters(i) if pack is not None else [])
             for i, m in enumerate(members)]
+    masks = MemberMasks([m.cfg.seed for m in members], device)  # each member's dropout
 
     def alone(run: _MemberRun) -> contextlib.AbstractContextManager:
         return pack.router.evaluating(run.index) if pack is not None and pack.members > 1 \
@@ -196,7 +203,8 @@ def train_pack(
             continue
         # continue exactly where the checkpoint left off: weights, optimizer, schedule, RNG
         try:
-            restore_checkpoint(resume, run.named, run.optimizer, run.scheduler)
+            restore_checkpoint(resume, run.named, run.optimizer, run.scheduler,
+                               masks.generators[run.index])
         except CheckpointError as e:
             e.member = run.index  # the caller discards that member's checkpoint
             raise
@@ -226,7 +234,7 @@ def train_pack(
         return [run.out for run in runs]
 
     model.train()
-    with rand_mask_dropout(model, enabled=device.type == "cpu"):  # see peftlab.dropout
+    with member_dropout(model, masks):  # see peftlab.dropout
         for run in runs:
             run.batches = training_batches(run.member.features, run.cfg.batch_size, run.cfg.seed,
                                            pad_id, skip=run.step * run.cfg.grad_accum_steps,
@@ -238,11 +246,11 @@ def train_pack(
             # --- one optimizer step of every active member, over grad_accum_steps micro-batches
             micro_batches = [[next(run.batches) for _ in range(run.cfg.grad_accum_steps)]
                              if run.active else [] for run in runs]
-            losses = step_gradients(pack, micro_batches, device, bf16, pad_id)
+            losses = step_gradients(pack, micro_batches, device, bf16, pad_id, masks)
             for run, batches, step_loss in zip(runs, micro_batches, losses):
                 if run.active:
                     _after_step(run, batches, step_loss, method, model, metric, higher_is_better,
-                                timed_val, snapshot)
+                                timed_val, snapshot, masks.generators[run.index])
                     bar.update(1)
         bar.close()
     model.eval()
@@ -251,7 +259,7 @@ def train_pack(
 
 def _after_step(run: _MemberRun, micro_batches: list[dict[str, torch.Tensor]], step_loss: float,
                 method: Method, model: nn.Module, metric: str, higher_is_better: bool,
-                timed_val: Callable, snapshot: Callable) -> None:
+                timed_val: Callable, snapshot: Callable, dropout: torch.Generator) -> None:
     """A member's step after the shared backward: its optimizer step, logging, evaluation,
     checkpoint and stopping rules."""
     cfg, out = run.cfg, run.out
@@ -300,7 +308,7 @@ def _after_step(run: _MemberRun, micro_batches: list[dict[str, torch.Tensor]], s
         # --- checkpoint after each evaluation (the final step needs none: the run ends)
         run.member.save(Checkpoint(
             step, {n: p.detach().cpu() for n, p in run.named}, run.optimizer.state_dict(),
-            out.best_state, rng_state(),
+            out.best_state, {**rng_state(), "dropout": dropout.get_state()},
             {"scheduler": run.scheduler.state_dict(), "best_step": out.best_step,
              "best_val": out.best_val, "evals_without_gain": run.evals_without_gain,
              "elapsed_s": time.perf_counter() - run.start},

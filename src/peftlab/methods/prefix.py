@@ -27,8 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-from transformers.models.t5.modeling_t5 import T5Attention, eager_attention_forward
+from transformers.models.t5.modeling_t5 import T5Attention
 
+from peftlab.dropout import attention_forward
 from peftlab.methods.base import Method, MethodContext, freeze, load_named_state
 from peftlab.pack import Router, Stack, routed_model
 
@@ -56,7 +57,8 @@ class Args(BaseModel):
 
 
 def prefixed_attention(module, query, key, value, attention_mask, **kwargs):
-    """Eager T5 attention with the module's prefix keys/values (if any) in front."""
+    """Eager T5 attention (with each member's dropout: peftlab.dropout) with the module's
+    prefix keys/values (if any) in front."""
     prefix = getattr(module, "peftlab_prefix", None)
     if prefix is not None:
         pk, pv = prefix(query.shape[0])  # (batch, heads, N, d_kv) each: each row's member's
@@ -71,7 +73,7 @@ def prefixed_attention(module, query, key, value, attention_mask, **kwargs):
         bias = kwargs.get("position_bias")
         if bias is not None:
             kwargs["position_bias"] = torch.cat([bias.new_zeros((*bias.shape[:-1], n)), bias], -1)
-    return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
 AttentionInterface.register(ATTN_NAME, prefixed_attention)
