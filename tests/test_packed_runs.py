@@ -267,3 +267,32 @@ def test_a_pack_killed_mid_training_resumes_to_the_same_files(tmp_path, unpacked
         assert read_json(run_dir / "summary.json")["pack"]["size"] == 6
         assert not (run_dir / "checkpoints").exists()
         assert_same_run(run_dir, unpacked_study / key)
+
+
+@pytest.mark.parametrize("task", ["sst2", "samsum"])
+def test_a_packs_members_are_evaluated_in_one_pass(tmp_path, task):
+    """The encoder runs as many times for three members as for one, on three times the rows,
+    and each member's result is its own evaluation's."""
+    from peftlab.run import evaluate_pack, setup_pack
+
+    extra = dict(task="samsum", val_size=4, max_new_tokens=4, max_source_length=64,
+                 max_target_length=16) if task == "samsum" else {}
+    # prompt tuning: each member's initial prompt is its own, so the members' outputs differ
+    cfgs = [config(tmp_path, f"m{i}", seed, lr, method="prompt",
+                   method_args=METHOD_ARGS["prompt"], **extra)
+            for i, (seed, lr) in enumerate(MEMBERS)]
+    setups = setup_pack(cfgs)
+    encoder = setups[0].model.get_base_model().encoder
+    rows: list[int] = []
+    hook = encoder.register_forward_hook(
+        lambda module, args, out: rows.append(len(out.last_hidden_state)))
+    together = evaluate_pack(setups, "validation", [0, 1, 2], progress=False)
+    calls_together, rows_together = len(rows), sum(rows)
+    rows.clear()
+    alone = [setups[i].evaluate("validation", progress=False) for i in range(3)]
+    hook.remove()
+    assert calls_together == len(rows) // 3 and rows_together == sum(rows)
+    for t, a in zip(together, alone):
+        assert [r["prediction"] for r in t.rows] == [r["prediction"] for r in a.rows]
+        assert t.metrics["loss"] == pytest.approx(a.metrics["loss"], rel=1e-5)
+    assert len({round(t.metrics["loss"], 6) for t in together}) == 3

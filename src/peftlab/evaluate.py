@@ -7,6 +7,7 @@ prefix hooks) is evaluated through the same code.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -37,6 +38,14 @@ class EvalSettings:
     generate: bool = True  # classification: also generate, for exact match and invalid rate
     progress: bool = True
     label_scoring: str = "sum"  # rank classification: "sum" or "mean" over a label's tokens
+    # the members of the model's pack (peftlab.pack) evaluated together: each batch of inputs
+    # goes through the model once per member, all in one batch routed row by row. None: the
+    # model as it is (a run alone, or one member under `Router.evaluating`)
+    members: tuple[int, ...] | None = None
+
+    @property
+    def copies(self) -> int:
+        return len(self.members) if self.members else 1
 
 
 @dataclass
@@ -58,6 +67,19 @@ def inference_model(model: nn.Module, bf16: bool) -> nn.Module:
     copied = copy.deepcopy(model).to(torch.bfloat16)
     cast_stacks(copied, torch.bfloat16)  # a packed model's trainable tensors (peftlab.pack)
     return copied
+
+
+def _tiled(x: torch.Tensor, s: EvalSettings) -> torch.Tensor:
+    """A batch of inputs once per evaluated member, member after member."""
+    return x.repeat(s.copies, *([1] * (x.dim() - 1))) if s.members else x
+
+
+def _routed(model: nn.Module, s: EvalSettings, rows: int) -> contextlib.AbstractContextManager:
+    """Each row of a tiled batch of `rows` inputs routed to its member."""
+    if not s.members:
+        return contextlib.nullcontext()
+    route = torch.tensor(s.members, device=s.device).repeat_interleave(rows)
+    return model.peftlab_pack.router.routing(route)
 
 
 def _picked_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -225,57 +247,70 @@ def label_scores(logprobs: np.ndarray, lengths: np.ndarray, scoring: str) -> np.
 @torch.no_grad()
 def rank_classify(model: nn.Module, features: Features, candidates: list[list[int]],
                   s: EvalSettings, generate_with: PreTrainedTokenizerBase | None = None,
-                  desc: str = "rank") -> Ranked:
+                  desc: str = "rank") -> list[Ranked] | Ranked:
     """Score every label word for every example; the answer (argmax of `scores`) is always a
     valid label. With `generate_with`, also decode freely from the same encoder states, for
-    exact match and the invalid-generation rate."""
-    n_cand = len(candidates)
-    scores = np.zeros((len(features), n_cand))
-    nll = np.zeros((len(features), n_cand, 2))
-    generated: list[str] | None = [""] * len(features) if generate_with is not None else None
+    exact match and the invalid-generation rate. With `s.members`, one Ranked per member."""
+    n_cand, copies = len(candidates), s.copies
+    scores = np.zeros((copies, len(features), n_cand))
+    nll = np.zeros((copies, len(features), n_cand, 2))
+    generated: list[list[str]] | None = [[""] * len(features) for _ in range(copies)] \
+        if generate_with is not None else None
     cand = pad(candidates, IGNORE_INDEX)
     lengths = np.array([len(c) for c in candidates], dtype=float)
     batches = sorted_batches([len(x) for x in features.input_ids], max(1, s.batch_size // n_cand))
     for idx in tqdm(batches, desc=desc, leave=False, disable=not s.progress or None):
-        inputs = pad([features.input_ids[i] for i in idx], s.pad_id)
-        encoded = _encode(model, inputs, s)
-        if generated is not None:  # before scoring, which expands the cache in place
-            texts = generate_with.batch_decode(_generate_ids(model, inputs, s, encoded),
-                                               skip_special_tokens=True)
-            for i, text in zip(idx, texts):
-                generated[i] = text.strip()
-        lp = _candidate_logprobs(model, encoded, cand, s).view(len(idx), n_cand, -1).double()
-        lp = lp.numpy()
-        scores[idx] = label_scores(lp, lengths, s.label_scoring)
-        nll[idx, :, 0] = -lp.sum(-1)
-        nll[idx, :, 1] = lengths
-    return Ranked(scores, nll, generated)
+        inputs = _tiled(pad([features.input_ids[i] for i in idx], s.pad_id), s)
+        with _routed(model, s, len(idx)):
+            encoded = _encode(model, inputs, s)
+            if generated is not None:  # before scoring, which expands the cache in place
+                texts = generate_with.batch_decode(_generate_ids(model, inputs, s, encoded),
+                                                   skip_special_tokens=True)
+                for row, text in enumerate(texts):
+                    generated[row // len(idx)][idx[row % len(idx)]] = text.strip()
+            lp = _candidate_logprobs(model, encoded, cand, s)
+        lp = lp.view(copies, len(idx), n_cand, -1).double().numpy()
+        for m in range(copies):
+            scores[m, idx] = label_scores(lp[m], lengths, s.label_scoring)
+            nll[m, idx, :, 0] = -lp[m].sum(-1)
+            nll[m, idx, :, 1] = lengths
+    ranked = [Ranked(scores[m], nll[m], generated[m] if generated is not None else None)
+              for m in range(copies)]
+    return ranked if s.members else ranked[0]
 
 
 @torch.no_grad()
-def teacher_forced_loss(model: nn.Module, features: Features, s: EvalSettings) -> float:
-    """Mean token cross-entropy of the references (the validation loss)."""
-    total, count = 0.0, 0
+def teacher_forced_loss(model: nn.Module, features: Features, s: EvalSettings
+                        ) -> list[float] | float:
+    """Mean token cross-entropy of the references (the validation loss); one per member with
+    `s.members`."""
+    total, count = np.zeros(s.copies), 0
     batches = sorted_batches([len(x) for x in features.input_ids], s.batch_size)
     for idx in tqdm(batches, desc="loss", leave=False, disable=not s.progress or None):
-        lp = _token_logprobs(model, pad([features.input_ids[i] for i in idx], s.pad_id),
-                             pad([features.labels[i] for i in idx], IGNORE_INDEX), s)
-        total -= float(lp.double().sum())
+        inputs = _tiled(pad([features.input_ids[i] for i in idx], s.pad_id), s)
+        labels = _tiled(pad([features.labels[i] for i in idx], IGNORE_INDEX), s)
+        with _routed(model, s, len(idx)):
+            lp = _token_logprobs(model, inputs, labels, s)
+        total -= lp.double().view(s.copies, -1).sum(1).numpy()
         count += sum(len(features.labels[i]) for i in idx)
-    return total / max(count, 1)
+    losses = [float(t) / max(count, 1) for t in total]
+    return losses if s.members else losses[0]
 
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, features: Features,
-             s: EvalSettings) -> list[str]:
-    """Greedy (num_beams=1) or beam decoding in length-sorted batches; outputs in input order."""
-    out: list[str] = [""] * len(features)
+             s: EvalSettings) -> list[list[str]] | list[str]:
+    """Greedy (num_beams=1) or beam decoding in length-sorted batches; outputs in input order
+    (a list per member with `s.members`)."""
+    out: list[list[str]] = [[""] * len(features) for _ in range(s.copies)]
     batches = sorted_batches([len(x) for x in features.input_ids], s.batch_size)
     for idx in tqdm(batches, desc="generate", leave=False, disable=not s.progress or None):
-        generated = _generate_ids(model, pad([features.input_ids[i] for i in idx], s.pad_id), s)
-        for i, text in zip(idx, tokenizer.batch_decode(generated, skip_special_tokens=True)):
-            out[i] = text.strip()
-    return out
+        inputs = _tiled(pad([features.input_ids[i] for i in idx], s.pad_id), s)
+        with _routed(model, s, len(idx)):
+            generated = _generate_ids(model, inputs, s)
+        for row, text in enumerate(tokenizer.batch_decode(generated, skip_special_tokens=True)):
+            out[row // len(idx)][idx[row % len(idx)]] = text.strip()
+    return out if s.members else out[0]
 
 
 def _rows(examples: list[Example], scored: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -284,27 +319,34 @@ def _rows(examples: list[Example], scored: list[dict[str, Any]]) -> list[dict[st
 
 @flushed_denormals()
 def evaluate_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: Task,
-                   examples: list[Example], features: Features, s: EvalSettings) -> EvalResult:
-    """Loss and the task's metrics on one split."""
+                   examples: list[Example], features: Features, s: EvalSettings
+                   ) -> EvalResult | list[EvalResult]:
+    """Loss and the task's metrics on one split; one result per member with `s.members`."""
     was_training = model.training
     model.eval()
     evaluated = inference_model(model, s.bf16)
+    results = []
     try:
         if isinstance(task, ClassificationTask):
             candidates = [tokenizer(w)["input_ids"] for w in task.label_words]
             ranked = rank_classify(evaluated, features, candidates, s,
                                    generate_with=tokenizer if s.generate else None)
             labels = [ex.label for ex in examples]
-            gold = ranked.nll[np.arange(len(labels)), labels]
-            loss = float(gold[:, 0].sum() / gold[:, 1].sum())
-            metrics, scored = task.metrics(ranked.scores.argmax(axis=1).tolist(),
-                                           ranked.generated, examples)
+            for r in ranked if s.members else [ranked]:
+                gold = r.nll[np.arange(len(labels)), labels]
+                loss = float(gold[:, 0].sum() / gold[:, 1].sum())
+                metrics, scored = task.metrics(r.scores.argmax(axis=1).tolist(), r.generated,
+                                               examples)
+                results.append(EvalResult({"loss": loss, **metrics}, _rows(examples, scored)))
         else:
-            loss = teacher_forced_loss(evaluated, features, s)
-            metrics, scored = task.metrics(generate(evaluated, tokenizer, features, s), examples)
+            losses = teacher_forced_loss(evaluated, features, s)
+            outputs = generate(evaluated, tokenizer, features, s)
+            for loss, texts in zip(*((losses, outputs) if s.members else ([losses], [outputs]))):
+                metrics, scored = task.metrics(texts, examples)
+                results.append(EvalResult({"loss": loss, **metrics}, _rows(examples, scored)))
     finally:
         model.train(was_training)
-    return EvalResult({"loss": loss, **metrics}, _rows(examples, scored))
+    return results if s.members else results[0]
 
 
 def evaluate_predictions(task: Task, predictions: list[str], examples: list[Example]) -> EvalResult:

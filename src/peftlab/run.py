@@ -12,7 +12,7 @@ Every file is written atomically.
 from __future__ import annotations
 
 import contextlib
-import functools
+import dataclasses
 import logging
 import math
 import os
@@ -279,8 +279,8 @@ def check_attention_memory(s: Setup, rows: int = 1) -> None:
     square of the longest input, and `max_source_length: 100000` on SAMSum ended in an
     out-of-memory traceback (or, on Linux, the kernel killing the process with no message).
     A lower bound: scores, softmax and dropout mask of every encoder layer of the largest
-    batch while training (`rows` runs' batches in a pack; eval_batch_size, one layer at a
-    time, when evaluating)."""
+    batch while training, eval_batch_size (one layer at a time) when evaluating; in a pack,
+    `rows` members' batches at once."""
     if s.model is None:
         return
     config = s.model.config
@@ -289,7 +289,7 @@ def check_attention_memory(s: Setup, rows: int = 1) -> None:
     longest = max(max((len(x) for x in s.features(split).input_ids), default=0)
                   for split in ("train", "validation", "test"))
     per_matrix = heads * longest ** 2 * 4 * 3
-    needed = max(rows * s.cfg.batch_size * per_matrix * layers, s.cfg.eval_batch_size * per_matrix)
+    needed = rows * max(s.cfg.batch_size * per_matrix * layers, s.cfg.eval_batch_size * per_matrix)
     free = available_memory(s.device)
     if free is not None and needed > free:
         raise PeftlabError(
@@ -437,12 +437,19 @@ def _run_held(cfgs: list[RunConfig], setups: list[Setup], started: float, memory
             outcomes[records.index(r)] = TrainOutcome("completed", 0, val.metrics, {})
     else:
         while True:
-            members = [Member(r.cfg, r.s.features("train"),
-                              functools.partial(_validate, r.s, progress), r.log_row, r.resume,
-                              r.save) for r in records]
+            members = [Member(r.cfg, r.s.features("train"), r.log_row, r.resume, r.save)
+                       for r in records]
+            setups_now = [r.s for r in records]
+
+            def validate(indices: list[int], setups_now: list[Setup] = setups_now
+                         ) -> list[dict[str, float]]:
+                return [e.metrics for e in evaluate_pack(setups_now, "validation", indices,
+                                                         progress)]
+
             try:
-                outcomes = train_pack(s0.model, s0.method, members, selection_of(s0.cfg, s0.task),
-                                      s0.device, s0.bf16, s0.tokenizer.pad_token_id, progress)
+                outcomes = train_pack(s0.model, s0.method, members, validate,
+                                      selection_of(s0.cfg, s0.task), s0.device, s0.bf16,
+                                      s0.tokenizer.pad_token_id, progress)
                 break
             except CheckpointError as e:
                 # a readable checkpoint that does not fit this run (a missing tensor, a wrong
@@ -460,23 +467,39 @@ def _run_held(cfgs: list[RunConfig], setups: list[Setup], started: float, memory
         for r, outcome in zip(records, outcomes):
             # the selected checkpoint is the one tested
             r.s.method.load_state(r.s.model, outcome.best_state, r.s.member)
+    for r, outcome in zip(records, outcomes):
+        if outcome.best_state:
+            save_tensors(r.out / ADAPTER, outcome.best_state)
+    # The test set is touched once, on the checkpoints chosen by validation.
+    began = time.perf_counter()
+    tests = evaluate_pack([r.s for r in records], "test", list(range(len(records))), progress)
+    test_s = time.perf_counter() - began  # the pass of every member (_finish takes shares)
     summaries = []
-    for index, (r, outcome) in enumerate(zip(records, outcomes)):
-        summaries.append(_finish(r, outcome, counts, trains, setup_s, started, memory, progress,
-                                 {"id": pack_id or Path(records[0].cfg.output_dir).name,
-                                  "size": len(records), "index": index}
+    for index, (r, outcome, test) in enumerate(zip(records, outcomes, tests)):
+        summaries.append(_finish(r, outcome, test, test_s, counts, trains, setup_s, started,
+                                 memory, {"id": pack_id or Path(records[0].cfg.output_dir).name,
+                                          "size": len(records), "index": index}
                                  if len(records) > 1 else None))
     return summaries
 
 
-def _validate(s: Setup, progress: bool) -> dict[str, float]:
-    return s.evaluate("validation", s.features("validation"), progress).metrics
+def evaluate_pack(setups: list[Setup], split: str, indices: list[int], progress: bool
+                  ) -> list[EvalResult]:
+    """Members `indices` of a pack evaluated on one split together: each batch of inputs goes
+    through the model once per member, in one batch routed row by row (peftlab.evaluate)."""
+    s = setups[indices[0]]
+    pack = getattr(s.model, "peftlab_pack", None)
+    if pack is None or pack.members == 1:
+        return [setups[i].evaluate(split, progress=progress) for i in indices]
+    settings = dataclasses.replace(s.eval_settings(split, progress), members=tuple(indices))
+    return evaluate_model(s.model, s.tokenizer, s.task, getattr(s.splits, split),
+                          s.features(split), settings)
 
 
-def _finish(r: _Record, outcome: TrainOutcome, counts: dict[str, Any], trains: bool,
-            setup_s: float, started: float, memory: PeakMemory, progress: bool,
-            pack: dict[str, Any] | None) -> dict[str, Any]:
-    """Test the selected state once and write the run's record."""
+def _finish(r: _Record, outcome: TrainOutcome, test: EvalResult, test_s: float,
+            counts: dict[str, Any], trains: bool, setup_s: float, started: float,
+            memory: PeakMemory, pack: dict[str, Any] | None) -> dict[str, Any]:
+    """Write the run's record: its test predictions, then its summary."""
     cfg, s, out = r.cfg, r.s, r.out
     for note in r.notes:
         log.warning(note)
@@ -491,12 +514,6 @@ def _finish(r: _Record, outcome: TrainOutcome, counts: dict[str, Any], trains: b
     summary.update({"best_step": outcome.best_step,
                     "selection_metric": selection_of(cfg, s.task)[0],
                     "val_metrics": outcome.best_val})
-    if outcome.best_state:
-        save_tensors(out / ADAPTER, outcome.best_state)
-    # The test set is touched once, on the checkpoint chosen by validation.
-    began = time.perf_counter()
-    test = s.evaluate("test", progress=progress)
-    test_s = time.perf_counter() - began
     write_jsonl(out / PREDICTIONS, test.rows)
     wall = time.perf_counter() - started + (r.resume.meta["elapsed_s"] if r.resume else 0)
     # a member of a pack of P records 1/P of the pack's times: its share of the machine, what

@@ -118,15 +118,17 @@ def is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
 @dataclass
 class Member:
     """One run of a pack as the loop sees it: its config (seed, learning rate), its training
-    examples, and where its evaluations, metrics rows and checkpoints go. `evaluate_val` is
-    called with the pack routed to this member alone."""
+    examples, and where its metrics rows and checkpoints go."""
 
     cfg: RunConfig
     features: Features
-    evaluate_val: Callable[[], dict[str, float]]
     log_row: Callable[[dict[str, Any]], None]
     resume: Checkpoint | None = None
     save: Callable[[Checkpoint], None] | None = None
+
+
+# validation of some members of a pack at once: their indices -> each one's metrics
+EvaluateMembers = Callable[[list[int]], list[dict[str, float]]]
 
 
 def train(model: nn.Module, method: Method, cfg: RunConfig, features: Features,
@@ -135,8 +137,9 @@ def train(model: nn.Module, method: Method, cfg: RunConfig, features: Features,
           progress: bool = True, resume: Checkpoint | None = None,
           save: Callable[[Checkpoint], None] | None = None) -> TrainOutcome:
     """One run: a pack of one."""
-    member = Member(cfg, features, evaluate_val, log_row, resume, save)
-    return train_pack(model, method, [member], selection, device, bf16, pad_id, progress)[0]
+    member = Member(cfg, features, log_row, resume, save)
+    return train_pack(model, method, [member], lambda indices: [evaluate_val()], selection,
+                      device, bf16, pad_id, progress)[0]
 
 
 class _MemberRun:
@@ -154,6 +157,10 @@ class _MemberRun:
         self.start = self.window_start = time.perf_counter()
         self.out: TrainOutcome | None = None
         self.batches: Any = None
+        self.row: dict[str, Any] = {}  # the metrics row of the step being finished
+
+    def due(self, step: int) -> bool:
+        return step % self.cfg.eval_every == 0 or step == self.cfg.max_steps
 
 
 @flushed_denormals()
@@ -161,6 +168,7 @@ def train_pack(
     model: nn.Module,
     method: Method,
     members: list[Member],
+    evaluate_members: EvaluateMembers,
     selection: tuple[str, bool],
     device: torch.device,
     bf16: bool,
@@ -168,11 +176,11 @@ def train_pack(
     progress: bool = True,
 ) -> list[TrainOutcome]:
     """Train every member of the model's pack (peftlab.pack) together: one forward and
-    backward over all their micro-batches per step; everything else (optimizer, schedule,
-    clipping, evaluation, best state, checkpoints, early stopping, divergence) each member's
-    own, as if it ran alone. A member that stops (diverged, stopped early, done) leaves the
-    others going. A member resumed from a later checkpoint than another simply is some steps
-    ahead: each counts its own steps."""
+    backward over all their micro-batches per step, one validation pass for all members due
+    an evaluation; everything else (optimizer, schedule, clipping, best state, checkpoints,
+    early stopping, divergence) each member's own, as if it ran alone. A member that stops
+    (diverged, stopped early, done) leaves the others going. A member resumed from a later
+    checkpoint than another simply is some steps ahead: each counts its own steps."""
     metric, higher_is_better = selection
     pack = getattr(model, "peftlab_pack", None)
     if pack is not None and pack.members != len(members):
@@ -181,20 +189,17 @@ def train_pack(
             for i, m in enumerate(members)]
     masks = MemberMasks([m.cfg.seed for m in members], device)  # each member's dropout
 
-    def alone(run: _MemberRun) -> contextlib.AbstractContextManager:
-        return pack.router.evaluating(run.index) if pack is not None and pack.members > 1 \
-            else contextlib.nullcontext()
-
     def snapshot(run: _MemberRun) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", copy=True)
                 for k, v in method.export_state(model, run.index).items()}
 
-    def timed_val(run: _MemberRun) -> tuple[dict[str, float], float]:
-        # each evaluation's seconds go in its row: what validation costs a run is then on record
+    def validate(due: list[_MemberRun]) -> list[tuple[dict[str, float], float]]:
+        """One validation pass for the members due, and its seconds (each row records them:
+        what validation costs is then on record; a pack's members share them)."""
         began = time.perf_counter()
-        with alone(run):
-            val = run.member.evaluate_val()
-        return val, time.perf_counter() - began
+        vals = evaluate_members([run.index for run in due])
+        seconds = time.perf_counter() - began
+        return [(val, seconds) for val in vals]
 
     # --- resumed members first: a checkpoint that does not fit raises before anything is logged
     for run in runs:
@@ -212,19 +217,21 @@ def train_pack(
         run.out = TrainOutcome("completed", resume.meta["best_step"], resume.meta["best_val"],
                                resume.best_state, steps_done=resume.step)
         run.step, run.evals_without_gain = resume.step, resume.meta["evals_without_gain"]
-    for run in runs:
-        cfg = run.cfg
-        if run.member.resume is None:
-            # --- step 0: the untrained model is the first point of every curve
-            run.start = time.perf_counter()
-            val, eval_s = timed_val(run)
+    # --- step 0: the untrained model is the first point of every curve
+    fresh = [run for run in runs if run.member.resume is None]
+    if fresh:
+        start = time.perf_counter()
+        for run, (val, eval_s) in zip(fresh, validate(fresh)):
+            run.start = start
             run.out = TrainOutcome("completed", 0, val, snapshot(run))
             run.member.log_row({"step": 0, "train_loss": None,
                                 **{f"val_{k}": v for k, v in val.items()},
                                 "lr": run.scheduler.get_last_lr()[0] if run.scheduler else None,
-                                "elapsed_s": time.perf_counter() - run.start,
+                                "elapsed_s": time.perf_counter() - start,
                                 "examples_per_s": None, "eval_s": eval_s})
-        elif cfg.early_stopping_patience and \
+    for run in runs:
+        cfg = run.cfg
+        if run.member.resume is not None and cfg.early_stopping_patience and \
                 run.evals_without_gain >= cfg.early_stopping_patience:
             run.out.stopped_early = True  # it had stopped at this checkpoint: it stays stopped
             continue
@@ -247,21 +254,24 @@ def train_pack(
             micro_batches = [[next(run.batches) for _ in range(run.cfg.grad_accum_steps)]
                              if run.active else [] for run in runs]
             losses = step_gradients(pack, micro_batches, device, bf16, pad_id, masks)
-            for run, batches, step_loss in zip(runs, micro_batches, losses):
-                if run.active:
-                    _after_step(run, batches, step_loss, method, model, metric, higher_is_better,
-                                timed_val, snapshot, masks.generators[run.index])
-                    bar.update(1)
+            stepped = [run for run, batches, loss in zip(runs, micro_batches, losses)
+                       if run.active and _optimizer_step(run, batches, loss, method, model)]
+            bar.update(sum(1 for loss in losses if loss is not None))
+            # --- evaluate the members due, in one pass; log, keep the best, checkpoint
+            due = [run for run in stepped if run.due(run.step)]
+            evaluations = dict(zip((run.index for run in due), validate(due))) if due else {}
+            for run in stepped:
+                _finish_step(run, evaluations.get(run.index), metric, higher_is_better,
+                             snapshot, masks.generators[run.index])
         bar.close()
     model.eval()
     return [run.out for run in runs]
 
 
-def _after_step(run: _MemberRun, micro_batches: list[dict[str, torch.Tensor]], step_loss: float,
-                method: Method, model: nn.Module, metric: str, higher_is_better: bool,
-                timed_val: Callable, snapshot: Callable, dropout: torch.Generator) -> None:
-    """A member's step after the shared backward: its optimizer step, logging, evaluation,
-    checkpoint and stopping rules."""
+def _optimizer_step(run: _MemberRun, micro_batches: list[dict[str, torch.Tensor]],
+                    step_loss: float, method: Method, model: nn.Module) -> bool:
+    """A member's step after the shared backward: its clipping and optimizer step, and the
+    start of its metrics row. False: the loss was not finite, the member diverged."""
     cfg, out = run.cfg, run.out
     run.step = step = run.step + 1
     run.window_examples += sum(len(b["input_ids"]) for b in micro_batches)
@@ -270,7 +280,7 @@ def _after_step(run: _MemberRun, micro_batches: list[dict[str, torch.Tensor]], s
         run.member.log_row({"step": step, "train_loss": step_loss,
                             "lr": run.scheduler.get_last_lr()[0],
                             "elapsed_s": time.perf_counter() - run.start, "examples_per_s": None})
-        return
+        return False
     if cfg.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm, foreach=True)
     lr = run.scheduler.get_last_lr()[0]
@@ -280,19 +290,25 @@ def _after_step(run: _MemberRun, micro_batches: list[dict[str, torch.Tensor]], s
     method.on_step(model, step)
     out.steps_done = step
     run.window_loss += step_loss
-
-    # --- log and evaluate; one metrics row per step that has either
-    row: dict[str, Any] = {}
-    if step % cfg.log_every == 0 or step % cfg.eval_every == 0 or step == cfg.max_steps:
-        previous = out.history[-1]["step"] if out.history else None
-        steps_in_window = step - (previous if previous is not None else run.first_step - 1)
+    run.row = {}
+    if step % cfg.log_every == 0 or run.due(step):
+        previous = out.history[-1]["step"] if out.history else run.first_step - 1
         now = time.perf_counter()
-        row = {"step": step, "train_loss": run.window_loss / max(steps_in_window, 1), "lr": lr,
-               "elapsed_s": now - run.start,
-               "examples_per_s": run.window_examples / max(now - run.window_start, 1e-9)}
+        run.row = {"step": step, "train_loss": run.window_loss / max(step - previous, 1),
+                   "lr": lr, "elapsed_s": now - run.start,
+                   "examples_per_s": run.window_examples / max(now - run.window_start, 1e-9)}
         run.window_loss, run.window_examples = 0.0, 0
-    if step % cfg.eval_every == 0 or step == cfg.max_steps:
-        val, row["eval_s"] = timed_val(run)
+    return True
+
+
+def _finish_step(run: _MemberRun, evaluation: tuple[dict[str, float], float] | None,
+                 metric: str, higher_is_better: bool, snapshot: Callable,
+                 dropout: torch.Generator) -> None:
+    """A member's step after the evaluation (if it was due one): its metrics row, best state,
+    checkpoint and stopping rules."""
+    cfg, out, row, step = run.cfg, run.out, run.row, run.step
+    if evaluation is not None:
+        val, row["eval_s"] = evaluation
         row.update({f"val_{k}": v for k, v in val.items()})
         row["elapsed_s"] = time.perf_counter() - run.start
         if is_better(val[metric], out.best_val.get(metric), higher_is_better):
