@@ -8,7 +8,10 @@ out=${1:-benchmarks/results/gpu}
 bench() { python3 -m peftlab bench --out "$out" --model "${BENCH_MODEL:-flan-t5-small-random}" --precision bf16 --steps 30 --warmup 10 "$@"; }
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers',
 transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name(0))" || exit 1
-bench --sections matmul,train --shapes sst2
+# packed training (issue 16): the same runs alone (one per GPU, and 8 sharing it) and in packs
+bench --sections matmul,pack --shapes sst2 --methods lora,prompt,prefix,ia3,ln --pack-sizes 8,16,32 --pack-runs 32 --runs-per-gpu 8 --pack-study smoke
+bench --keep --sections pack --shapes samsum --methods lora,prefix --pack-sizes 8,16 --pack-runs 16 --runs-per-gpu 8 --pack-study ''
+bench --keep --sections train --shapes sst2
 bench --keep --sections grid,cell --shapes sst2
 bench --keep --sections train --shapes samsum
 bench --keep --sections eval --shapes sst2,samsum

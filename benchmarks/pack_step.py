@@ -5,8 +5,9 @@ batches (8 examples per member), fp32, dropout as in training.
     PEFTLAB_DATA_DIR=../shared/data .venv/bin/python benchmarks/pack_step.py \\
         --methods lora,prompt,prefix,ia3,ln --members 1,4,8 --steps 6
 
-Both sides run forward, backward, each member's gradient clipping and AdamW step; the figure
-is the median step time of each (first step untimed), in one process, sides alternating.
+Both sides run what training runs (`step_gradients` with each member's dropout masks), each
+member's gradient clipping and AdamW step; the figure is the median step time of each (first
+step untimed), in one process, sides alternating.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from peftlab.data import collate, tokenize
 from peftlab.denormals import flushed_denormals
+from peftlab.dropout import MemberMasks, member_dropout
 from peftlab.methods import METHODS, MethodContext
 from peftlab.models import default_tokenizer_for, load_model, load_tokenizer
 from peftlab.pack import Pack, initial_state, step_gradients
@@ -50,12 +52,19 @@ def measure(name: str, members: int, steps: int, model: str = MODEL) -> tuple[fl
                  for m in range(members)]
     torch.manual_seed(0)
     alone = method.apply(copy.deepcopy(base), args, ctx, False).train()
-    params = [p for p in alone.parameters() if p.requires_grad]
-    alone_opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
+    # each side draws its dropout masks as training does: per member (peftlab.dropout)
+    pack_masks = MemberMasks(list(range(members)), torch.device("cpu"))
+    alone_masks = [MemberMasks([m], torch.device("cpu")) for m in range(members)]
+    Pack(alone, [{n: p.detach() for n, p in alone.named_parameters() if p.requires_grad}],
+         method.route)  # a run alone: a pack of one
+    alone_params = [p for _, p in alone.peftlab_pack.parameters(0)]
+    alone_opt = torch.optim.AdamW(alone_params, lr=1e-3, fused=True)
     packed, sequential = [], []
     for step in range(steps):
         began = time.perf_counter()
-        step_gradients(pack, [[b[step]] for b in data], torch.device("cpu"), False, 0)
+        with member_dropout(pack.model, pack_masks):
+            step_gradients(pack, [[b[step]] for b in data], torch.device("cpu"), False, 0,
+                           pack_masks)
         for m, opt in enumerate(pack_opts):
             torch.nn.utils.clip_grad_norm_([p for _, p in pack.parameters(m)], 1.0, foreach=True)
             opt.step()
@@ -63,8 +72,10 @@ def measure(name: str, members: int, steps: int, model: str = MODEL) -> tuple[fl
         packed.append(time.perf_counter() - began)
         began = time.perf_counter()
         for m in range(members):  # the same work as P unpacked runs' steps
-            alone(**data[m][step]).loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            with member_dropout(alone, alone_masks[m]):
+                step_gradients(alone.peftlab_pack, [[data[m][step]]], torch.device("cpu"),
+                               False, 0, alone_masks[m])
+            torch.nn.utils.clip_grad_norm_(alone_params, 1.0, foreach=True)
             alone_opt.step()
             alone_opt.zero_grad(set_to_none=True)
         sequential.append(time.perf_counter() - began)

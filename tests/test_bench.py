@@ -257,3 +257,48 @@ def test_grid_measures_runs_through_the_study_runner_on_cpu():
     assert r["statuses"] == {"completed": 2}
     assert r["device"] == "cpu" and r["threads_per_run"] == max(1, (os.cpu_count() or 1) // 2)
     assert r["runs_per_hour"] == pytest.approx(3600 * 2 / r["seconds"])
+
+
+def test_pack_measures_the_same_runs_unpacked_and_packed_with_their_mfu():
+    from peftlab.bench import measure_pack
+
+    cell = {"max_steps": 2, "eval_every": 2, "train_size": 16, "val_size": 4, "test_size": 4,
+            "batch_size": 4}
+    alone = measure_pack("lora", "sst2", 1, 4, model="t5-tiny", cell=cell)
+    packed = measure_pack("lora", "sst2", 4, 4, model="t5-tiny", cell=cell)
+    assert alone["statuses"] == packed["statuses"] == {"completed": 4}
+    assert alone["packs"] == 4 and packed["packs"] == 1
+    assert packed["workers"] == 1  # one pack: one worker, every CPU its threads
+    # the same runs: the same training batches, hence the same useful FLOPs
+    assert alone["train_flops"] == packed["train_flops"] > 0
+    for r in (alone, packed):
+        assert r["mfu"] == pytest.approx(r["train_flops"] / r["seconds"] / r["peak_flops_per_s"])
+        assert 0 < r["mfu"] < 1
+
+
+def test_pack_section_runs_each_pack_size_beside_the_unpacked_runs_and_reports_them(tmp_path,
+                                                                                    monkeypatch):
+    import peftlab.bench as bench
+
+    calls = []
+
+    def fake_measure(kind, **kw):
+        calls.append((kind, kw.get("pack"), kw.get("workers")))
+        seconds = {1: 100.0, 4: 80.0, 8: 50.0}[kw["pack"]]
+        if kind == "study":
+            return {"preset": kw["preset"], "pack": kw["pack"], "runs": 151, "workers": 2,
+                    "seconds": seconds, "runs_per_hour": 3600 * 151 / seconds}
+        return {"method": kw["method"], "pack": kw["pack"], "runs": kw["n_runs"], "workers": 2,
+                "seconds": seconds, "runs_per_hour": 3600 * kw["n_runs"] / seconds,
+                "mfu": 0.1, "settings": {"max_steps": 20}}
+
+    monkeypatch.setattr(bench, "subprocess_measure", fake_measure)
+    run_benchmark(tmp_path, ["full", "lora"], ["sst2"], 2, 1, "fp32", ["pack"],
+                  model="t5-tiny", pack_sizes=(4, 8), pack_runs=8, pack_study="smoke",
+                  log=lambda m: None)
+    assert [c[:2] for c in calls] == [("pack", 1), ("pack", 4), ("pack", 8), ("study", 1),
+                                      ("study", 4), ("study", 8)]  # full fine-tuning: unpacked
+    text = (tmp_path / "bench.md").read_text()
+    assert "## Packed training (`peftlab run --pack P`)" in text
+    assert "| sst2/lora | 8 | 2 | 8 | 50.0 | 576 | 2.00x | 10.00% |" in text
+    assert "| study | 4 | 2 | 151 | 80.0 | 6795 | 1.25x |" in text

@@ -84,6 +84,7 @@ def pack_and_alone(tmp_path, members=MEMBERS, **overrides):
     return summaries
 
 
+@pytest.mark.slow  # the same with dropout on runs by default, below
 @pytest.mark.parametrize("method", list(METHOD_ARGS))
 def test_each_member_of_a_pack_is_its_unpacked_run_sst2(tmp_path, method):
     summaries = pack_and_alone(tmp_path, method=method, method_args=METHOD_ARGS[method])
@@ -107,8 +108,15 @@ def test_with_dropout_each_member_draws_the_masks_of_its_unpacked_run(tmp_path, 
     args = dict(METHOD_ARGS[method], **({"dropout": 0.1} if method == "lora" else {}))
     samsum = dict(task="samsum", train_size=8, val_size=4, test_size=4, max_new_tokens=6,
                   max_source_length=96, max_target_length=24, batch_size=2)
-    pack_and_alone(tmp_path, method=method, method_args=args, dropout=0.1,
-                   **(samsum if task == "samsum" else {}))
+    summaries = pack_and_alone(tmp_path, method=method, method_args=args, dropout=0.1,
+                               **(samsum if task == "samsum" else {}))
+    assert [{k: s["pack"][k] for k in ("id", "size", "index")} for s in summaries] == [
+        {"id": "p0", "size": 3, "index": i} for i in range(3)]
+    for s in summaries:  # a member records its share of the pack's time
+        assert s["wall_time_s"] == pytest.approx(s["pack"]["wall_time_s"] / 3)
+    losses = {tuple(r["train_loss"] for r in read_jsonl(tmp_path / f"packed{i}" / "metrics.jsonl"))
+              for i in range(3)}
+    assert len(losses) == 3  # the members really differ: not one run written three times
     for i in range(len(MEMBERS)):
         assert_same_run(tmp_path / f"packed{i}", tmp_path / f"alone{i}")
 
@@ -123,7 +131,7 @@ def test_each_member_of_a_pack_is_its_unpacked_run_samsum(tmp_path, method):
         assert_same_run(tmp_path / f"packed{i}", tmp_path / f"alone{i}")
 
 
-@pytest.mark.parametrize("method", ["lora", "prefix"])
+@pytest.mark.parametrize("method", ["lora", pytest.param("prefix", marks=pytest.mark.slow)])
 def test_each_member_of_a_pack_is_its_unpacked_run_on_the_flan_t5_small_geometry(tmp_path, method):
     pack_and_alone(tmp_path, MEMBERS[:2], method=method, method_args=METHOD_ARGS[method],
                    model="flan-t5-small-random", train_size=8, val_size=8, test_size=8,
@@ -296,3 +304,59 @@ def test_a_packs_members_are_evaluated_in_one_pass(tmp_path, task):
         assert [r["prediction"] for r in t.rows] == [r["prediction"] for r in a.rows]
         assert t.metrics["loss"] == pytest.approx(a.metrics["loss"], rel=1e-5)
     assert len({round(t.metrics["loss"], 6) for t in together}) == 3
+
+
+def test_a_member_another_process_holds_is_left_out_of_its_pack(tmp_path):
+    from peftlab.locks import run_lock
+
+    held = tmp_path / "s" / "sst2" / "lora" / "n16" / "lr0.001" / "seed1"
+    study = dict(STUDY, methods=[STUDY["methods"][2]])
+    study["base"] = dict(STUDY["base"], max_steps=4, eval_every=2)
+    import yaml
+
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    from typer.testing import CliRunner
+
+    from peftlab.cli import app
+
+    with run_lock(held) as holder:
+        assert holder is None
+        result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "s"),
+                                          "--quiet", "--no-report", "--pack", "3",
+                                          "--workers", "1"])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 0, out
+    assert "5 completed, 1 locked" in out and "sst2/lora/n16/lr0.001/seed1" in out
+    assert not (held / "summary.json").exists()
+    seed0 = read_json(held.parent / "seed0" / "summary.json")["pack"]
+    assert seed0["size"] == 2  # the pack went on without the held member
+
+
+def test_a_pack_that_fails_runs_its_cells_one_by_one(tmp_path, monkeypatch):
+    import yaml
+    from typer.testing import CliRunner
+
+    import peftlab.run
+    from peftlab.cli import app
+
+    real = peftlab.run.run_pack
+
+    def failing_in_packs(cfgs, *args, **kwargs):
+        if len(cfgs) > 1:
+            raise RuntimeError("out of memory (simulated)")
+        return real(cfgs, *args, **kwargs)
+
+    monkeypatch.setattr(peftlab.run, "run_pack", failing_in_packs)
+    study = dict(STUDY, methods=[STUDY["methods"][2]], seeds=[0])
+    study["base"] = dict(STUDY["base"], max_steps=2, eval_every=2)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study))
+    result = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "s"), "--quiet",
+                                      "--no-report", "--pack", "2", "--workers", "1"])
+    out = " ".join(result.output.split())
+    assert result.exit_code == 0 and "2 completed" in out, out
+    for lr in ("0.001", "0.01"):
+        summary = read_json(tmp_path / "s" / "sst2" / "lora" / "n16" / f"lr{lr}" / "seed0" /
+                            "summary.json")
+        assert summary["status"] == "completed" and "pack" not in summary

@@ -23,6 +23,9 @@ Sections:
   grid       runs per hour with N runs at once through the study runner: sharing one GPU
              (`--runs-per-gpu N`), or on CPU N worker processes splitting the cores
              (`peftlab run STUDY --workers N`; N up to the number of CPUs)
+  pack       runs per hour of the same cells unpacked and in packs of P (`peftlab run
+             --pack P`), per method and shape, with the MFU of their training steps; on a GPU
+             also unpacked with N runs sharing it; and a built-in study's wall time per P
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from typing import Any
 
 MODEL = "flan-t5-small-random"
 SECTIONS = ("matmul", "train", "mfu", "numerics", "bf16", "bf16_eval", "batching", "eval",
-            "cell", "grid")
+            "cell", "grid", "pack")
 MFU_BATCH_SIZES = (8, 32, 64)
 SHAPES = {  # task, max source length, max target length
     "sst2": ("sst2", 128, 8),
@@ -494,6 +497,91 @@ def measure_grid(runs_per_gpu: int, n_runs: int, model: str = MODEL,
             "threads_per_run": None if cuda else threads_per_worker(runs_per_gpu)}
 
 
+# a pack-section cell: short, with step-0, middle and final evaluations and a test split
+PACK_CELL = {"max_steps": 20, "eval_every": 10, "log_every": 10, "train_size": 256,
+             "val_size": 32, "test_size": 32, "batch_size": 8}
+PACK_METHOD_ARGS = {"prompt": {"num_virtual_tokens": 20}, "prefix": {"num_prefix_tokens": 20}}
+
+
+def measure_pack(method: str, shape: str, pack: int, n_runs: int, workers: int | None = None,
+                 model: str = MODEL, cell: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`n_runs` cells of one method and shape, differing only in seed, through the study
+    runner in packs of `pack` (1: every run alone): runs per hour, and the MFU of their
+    training steps: the steps' useful FLOPs (real tokens, `model_flops`) over the wall time
+    and the matmul peak measured in this process (evaluation FLOPs are not counted: a lower
+    bound). Workers: `workers` (on a GPU, runs or packs sharing it), else on CPU one per pack
+    up to the number of CPUs, the CPUs split between them."""
+    import torch
+    from transformers import AutoConfig
+
+    from peftlab.config import resolve_run_config
+    from peftlab.data import tokenize, training_batches
+    from peftlab.models import PRESETS, default_tokenizer_for, load_tokenizer, preset_config
+    from peftlab.study import Cell, execute, gpu_count, packs, threads_per_worker
+    from peftlab.tasks import build_task, prepare_splits
+
+    task_name, src, tgt = SHAPES[shape]
+    settings = {**PACK_CELL, **(cell or {})}
+    cuda = gpu_count() > 0
+    groups = -(-n_runs // pack)
+    workers = workers or (1 if cuda else min(groups, os.cpu_count() or 1))
+    root = Path(tempfile.mkdtemp())
+
+    def config(seed: int) -> Any:
+        return resolve_run_config({
+            "model": model, "task": task_name, "method": method, "seed": seed,
+            "method_args": PACK_METHOD_ARGS.get(method, {}), "max_source_length": src,
+            "max_target_length": tgt, **settings,
+            "cpu_threads": None if cuda else threads_per_worker(workers),
+            "output_dir": str(root / f"seed{seed}")})
+
+    cells = [Cell(f"seed{i}", config(i), {"seed": i}) for i in range(n_runs)]
+    start = time.perf_counter()
+    counts = execute(cells, workers=workers, runs_per_gpu=workers, progress=False,
+                     pack=pack).counts
+    seconds = time.perf_counter() - start
+    # the training steps' useful FLOPs: the runs' own batches, counted again
+    cfg = cells[0].config
+    task = build_task(cfg.task, cfg.task_args)
+    tokenizer = load_tokenizer(cfg.tokenizer or default_tokenizer_for(cfg.model))
+    model_config = preset_config(model) if model in PRESETS else AutoConfig.from_pretrained(model)
+    flops = 0.0
+    for c in cells:
+        feats = tokenize(tokenizer, prepare_splits(task, c.config.train_size, c.config.val_size,
+                                                   c.config.test_size, c.config.seed).train,
+                         c.config.max_source_length, c.config.max_target_length)
+        batches = training_batches(feats, c.config.batch_size, c.config.seed, 0)
+        for _ in range(c.config.max_steps):
+            b = next(batches)
+            flops += model_flops(model_config, (b["attention_mask"].sum(1)).tolist(),
+                                 ((b["labels"] != -100).sum(1)).tolist(), method == "full")
+    peak = measure_matmul()
+    precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    return {"method": method, "shape": shape, "pack": pack, "runs": n_runs, "workers": workers,
+            "packs": len(packs(cells, pack)), "seconds": seconds,
+            "runs_per_hour": 3600 * n_runs / seconds, "statuses": counts,
+            "train_flops": flops, "peak_flops_per_s": peak[f"{precision}_flops_per_s"],
+            "mfu": flops / seconds / peak[f"{precision}_flops_per_s"],
+            "device": "cuda" if cuda else "cpu", "settings": settings}
+
+
+def measure_study(preset: str, pack: int, workers: int | None = None) -> dict[str, Any]:
+    """A built-in study (`peftlab run --preset`) in packs of `pack`: its wall time."""
+    from peftlab.study import execute, expand, load_study, packs, plan
+
+    study = load_study(preset=preset)
+    cells = expand(study, Path(tempfile.mkdtemp()))
+    todo = plan(cells).todo
+    groups = packs(todo, pack)
+    workers = workers or min(len(groups), os.cpu_count() or 1)
+    start = time.perf_counter()
+    counts = execute(todo, workers=workers, progress=False, pack=pack).counts
+    seconds = time.perf_counter() - start
+    return {"preset": preset, "pack": pack, "runs": len(todo), "packs": len(groups),
+            "workers": workers, "seconds": seconds, "runs_per_hour": 3600 * len(todo) / seconds,
+            "statuses": counts}
+
+
 def measure_matmul(size: int | None = None, repeats: int = 10) -> dict[str, float]:
     import torch
 
@@ -521,7 +609,8 @@ WORKERS = {"ours": measure_ours, "reference": measure_reference, "eval": measure
            "reference-eval": measure_reference_eval, "matmul": measure_matmul,
            "ours-losses": measure_ours_losses, "curve": measure_curve,
            "cell-ours": measure_cell_ours, "cell-reference": measure_cell_reference,
-           "grid": measure_grid, "eval-precision": measure_eval_precision}
+           "grid": measure_grid, "eval-precision": measure_eval_precision,
+           "pack": measure_pack, "study": measure_study}
 
 
 def subprocess_measure(kind: str, **kwargs: Any) -> dict[str, Any]:
@@ -572,7 +661,9 @@ def run_benchmark(out_dir: Path, methods: list[str], shapes: list[str], steps: i
                   warmup: int, precision: str, sections: list[str], model: str = MODEL,
                   curve_steps: int = 100, grid_runs: int = 2, grid_steps: int = 200,
                   runs_per_gpu: tuple[int, ...] = (1, 2, 4, 8), keep: bool = False,
-                  repeats: int = 1, log: Any = print) -> dict[str, Any]:
+                  repeats: int = 1, pack_sizes: tuple[int, ...] = (4, 8, 16),
+                  pack_runs: int = 16, pack_study: str | None = "smoke",
+                  log: Any = print) -> dict[str, Any]:
     import torch
 
     unknown = sorted(set(sections) - set(SECTIONS))
@@ -702,6 +793,28 @@ def run_benchmark(out_dir: Path, methods: list[str], shapes: list[str], steps: i
             table[str(n)] = subprocess_measure("grid", runs_per_gpu=n, n_runs=grid_runs * n,
                                                max_steps=grid_steps, **m)
             save("grid", table)
+    if "pack" in sections:
+        table = dict(results.get("pack", {}))
+        # the same runs unpacked and in packs of each size, side by side; on a GPU also
+        # unpacked with runs_per_gpu[-1] runs sharing it (the best the grid section measured)
+        gpu_shared = max(runs_per_gpu) if cuda else None
+        for shape in shapes:
+            for method in [x for x in methods if x != "full"]:
+                rows = {}
+                kw = dict(method=method, shape=shape, n_runs=pack_runs, **m)
+                rows["1"] = subprocess_measure("pack", pack=1, workers=1 if cuda else None, **kw)
+                if gpu_shared:
+                    rows[f"1x{gpu_shared}"] = subprocess_measure("pack", pack=1,
+                                                                 workers=gpu_shared, **kw)
+                for size in pack_sizes:
+                    rows[str(size)] = subprocess_measure("pack", pack=size,
+                                                         workers=1 if cuda else None, **kw)
+                table[f"{shape}/{method}"] = rows
+                save("pack", table)
+        if pack_study:
+            table["study"] = {str(size): subprocess_measure("study", preset=pack_study, pack=size)
+                              for size in (1, *pack_sizes)}
+            save("pack", table)
     _save(out_dir, results)
     return results
 
@@ -876,6 +989,24 @@ def markdown(r: dict) -> str:
                           f"{_phases(o['phases'])}; reference {_phases(f['phases'])}. Validation "
                           "includes peftlab's step-0 evaluation, which the reference does not run.",
                           ""]
+    if "pack" in r:
+        columns = ["cells", "pack", "workers", "runs", "seconds", "runs/hour", "vs unpacked",
+                   "MFU (training)"]
+        first = next((row for rows in r["pack"].values() for row in rows.values()
+                      if "settings" in row), {})
+        lines += _table("## Packed training (`peftlab run --pack P`): the same runs unpacked "
+                        f"and in packs ({first.get('settings', {})})", columns)
+        for name, rows in r["pack"].items():
+            base = rows.get("1", {}).get("runs_per_hour")
+            for size, row in rows.items():
+                if "error" in row:
+                    lines.append(_row([name, size, f"error: {row['error']}"], len(columns)))
+                    continue
+                gain = f"{row['runs_per_hour'] / base:.2f}x" if base else "–"
+                lines.append(_row([name, size, str(row.get("workers", "")), str(row["runs"]),
+                                   _f(row["seconds"], ".1f"), _f(row["runs_per_hour"], ".0f"),
+                                   gain, _f(row.get("mfu"), ".2%")], len(columns)))
+        lines.append("")
     if "grid" in r:
         columns = ["N", "runs", "steps per run", "seconds", "runs/hour"]
         title = ("## Grid throughput on one GPU (`--runs-per-gpu N`, SST-2 LoRA cells)"
