@@ -182,7 +182,7 @@ def test_fused_adamw_takes_the_same_step_as_the_reference_implementation():
     import torch
 
     from peftlab.config import resolve_run_config
-    from peftlab.train import make_optimizer
+    from peftlab.loop import make_optimizer
 
     cfg = resolve_run_config({"model": "t5-tiny", "task": "sst2", "method": "full",
                               "weight_decay": 0.01})
@@ -206,7 +206,7 @@ def test_training_on_cpu_flushes_denormals_and_restores_the_setting_after():
     import torch
 
     from peftlab.bench import _setup
-    from peftlab.train import train
+    from peftlab.loop import train
 
     def denormal() -> float:
         return (torch.tensor([1e-20]) * torch.tensor([1e-20])).item()  # 1e-40: a denormal

@@ -21,7 +21,7 @@ def correct(k: int) -> list[float]:
 
 def make_run(study, key, *, method, label, lr, seed, val, per_example, size=64, curve=None,
              params=100, trained=None, shared=False, status="completed", task="sst2",
-             metric="accuracy", memory_kind="rss_run"):
+             metric="accuracy", memory_kind="rss_run", pack=None):
     """A finished run folder whose test metric is the mean of its per-example scores."""
     folder = study / key
     test = sum(per_example) / len(per_example) if per_example else float("nan")
@@ -36,7 +36,8 @@ def make_run(study, key, *, method, label, lr, seed, val, per_example, size=64, 
         "total_params": 1000 + params, "trainable_percent": 100 * params / (1000 + params),
         "best_step": 10, "selection_metric": metric, "val_metrics": {metric: val, "loss": 1.0},
         "test_metrics": {metric: test, "loss": 1.0}, "wall_time_s": 2.0,
-        "peak_memory_mb": 10.0, "peak_memory_kind": memory_kind})
+        "peak_memory_mb": 10.0, "peak_memory_kind": memory_kind,
+        **({"pack": pack} if pack else {})})
     write_jsonl(folder / "metrics.jsonl", curve or [
         {"step": 0, "train_loss": None, f"val_{metric}": 50.0},
         {"step": 10, "train_loss": 1.0, f"val_{metric}": val}])
@@ -313,3 +314,23 @@ def test_legends_sit_outside_the_axes():
     legend = ax.get_legend().get_window_extent()
     assert legend.x0 >= ax.get_window_extent().x1
     plt.close(fig)
+
+
+def test_packed_runs_memory_is_marked_as_their_packs_and_a_changing_best_is_marked(tmp_path):
+    """A packed run's memory is its pack's (one process held it); when the best trained
+    method differs between training-set sizes, each size's best row says so."""
+    for seed in (0, 1):
+        for size, lora_right in ((16, 12), (64, 8)):
+            make_run(tmp_path, f"sst2/lora/n{size}/lr0.001/seed{seed}", method="lora",
+                     label="lora", lr=1e-3, seed=seed, val=60, per_example=correct(lora_right),
+                     size=size, pack={"id": f"p{size}", "size": 2, "index": seed,
+                                      "wall_time_s": 4.0})
+            make_run(tmp_path, f"sst2/full/n{size}/lr0.0001/seed{seed}", method="full",
+                     label="full", lr=1e-4, seed=seed, val=55, per_example=correct(10),
+                     size=size, params=1000)
+    md = write_report(tmp_path)["markdown"].read_text()
+    assert "peak RSS MB (this run, or its pack) |" in md
+    assert "| 10 (pack of 2) |" in md  # lora's row
+    table = md.split("differences between methods")[1]
+    assert "| n | method | test | vs best trained of its n | vs full | vs untuned |" in table
+    assert "| 16 | lora |" in table and "— (best)" in table

@@ -125,7 +125,7 @@ def measure_ours(method: str, shape: str, batch_size: int, steps: int, warmup: i
                  precision: str, model: str = MODEL, group_by_length: bool = True,
                  ) -> dict[str, Any]:
     from peftlab.data import training_batches
-    from peftlab.train import train
+    from peftlab.loop import train
 
     memory = _peak_memory()
     cfg, s, features = _setup(method, shape, batch_size, 256, model=model)
@@ -250,7 +250,7 @@ def measure_numerics(method: str, steps: int, model: str = MODEL) -> dict[str, A
 
 
 def measure_ours_losses(method: str, steps: int, model: str = MODEL) -> dict[str, Any]:
-    from peftlab.train import train
+    from peftlab.loop import train
 
     cfg, s, features = _setup(method, "sst2", 8, 64, dropout=False, model=model)
     cfg = cfg.model_copy(update={"max_steps": steps, "log_every": 1, "eval_every": 10**9,

@@ -53,12 +53,12 @@ def train_cmd(
     overwrite: Annotated[bool, typer.Option(help="replace a finished run in output_dir")] = False,
 ) -> None:
     """Train one run into its output folder."""
+    from peftlab.api import train
     from peftlab.config import load_run_config
-    from peftlab.run import run
 
     def go() -> dict:
         cfg = load_run_config(config, set_ or [])
-        return run(cfg, progress=not quiet, overwrite=overwrite)
+        return train(cfg, progress=not quiet, overwrite=overwrite).summary
 
     summary = _guarded(go)
     metric = summary["selection_metric"]
@@ -96,47 +96,27 @@ def run_cmd(
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Run a study: every cell of its grid, skipping finished runs and resuming unfinished ones."""
-    from peftlab import study as st
+    from peftlab.api import run_study
 
     if backend not in ("local", "ray"):
         err_console.print(f"[bold red]error:[/] --backend must be local or ray, got {backend!r}")
         raise typer.Exit(2)
 
-    def go() -> tuple[Path, Any]:
-        config = st.load_study(study_file, preset)
-        folder = out or Path("studies") / config.name
-        cells = st.expand(config, folder)
-        plan = st.plan(cells, retry_failed, rerun_changed)
-        for message in plan.messages():
-            err_console.print(message, highlight=False, soft_wrap=True)
-        pack_size = pack or config.pack
-        console.print(st.describe(cells, plan.todo, pack_size), highlight=False)
-        if dry_run:
-            return folder, None
-        st.apply(plan)
-        st.clean_finished(cells)
-        st.write_study_files(config, cells, folder)
-        groups = st.packs(plan.todo, pack_size)
-        n_workers = workers or st.default_workers(plan.todo, runs_per_gpu, len(groups))
-        if len(plan.todo) > 1 and backend == "local":
-            in_packs = "" if len(groups) == len(plan.todo) else f" in {len(groups)} packs"
-            console.print(f"{len(plan.todo)} runs{in_packs}, {n_workers} at a time",
-                          highlight=False)
-        return folder, st.execute(plan.todo, n_workers, backend, address, runs_per_gpu,
-                                  progress=not quiet, pack=pack_size)
-
-    folder, outcome = _guarded(go)
-    if outcome is None:
+    study = _guarded(lambda: run_study(
+        study_file, preset=preset, out=out, workers=workers, pack=pack,
+        runs_per_gpu=runs_per_gpu, backend=backend, address=address, retry_failed=retry_failed,
+        rerun_changed=rerun_changed, report=False, progress=not quiet, dry_run=dry_run,
+        say=lambda m: console.print(m, highlight=False),
+        warn=lambda m: err_console.print(m, highlight=False, soft_wrap=True)))
+    if dry_run:
         return
-    summary = ", ".join(f"{n} {status}" for status, n in outcome.counts.items()) or "nothing to run"
-    console.print(f"study {folder}: {summary}", soft_wrap=True, highlight=False)
-    if outcome.locked:
-        console.print(f"{len(outcome.locked)} cells are held by other processes, not run here: "
-                      + "; ".join(outcome.locked[:10]), soft_wrap=True, highlight=False)
+    summary = ", ".join(f"{n} {status}" for status, n in study.counts.items()) or "nothing to run"
+    console.print(f"study {study.path}: {summary}", soft_wrap=True, highlight=False)
+    if study.locked:
+        console.print(f"{len(study.locked)} cells are held by other processes, not run here: "
+                      + "; ".join(study.locked[:10]), soft_wrap=True, highlight=False)
     if report:
-        from peftlab.report import write_report
-
-        paths = _guarded(lambda: write_report(folder))
+        paths = _guarded(study.report)
         console.print(f"report: {paths['html']}", soft_wrap=True, highlight=False)
 
 

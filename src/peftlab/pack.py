@@ -270,7 +270,7 @@ def step_gradients(pack: Pack, micro_batches: list[list[dict[str, torch.Tensor]]
     each gets its own gradient. `masks`: the members' dropout (peftlab.dropout), told the
     rows of each batch.
     """
-    from peftlab.train import autocast
+    from peftlab.loop import autocast
 
     active = [m for m, batches in enumerate(micro_batches) if batches]
     totals = torch.zeros(pack.members, device=device)

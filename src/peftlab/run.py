@@ -34,6 +34,7 @@ from peftlab.errors import CheckpointError, PeftlabError
 from peftlab.evaluate import EvalResult, EvalSettings, evaluate_model, evaluate_predictions
 from peftlab.files import save_tensors, write_json, write_jsonl, write_yaml
 from peftlab.locks import describe_holder, run_lock
+from peftlab.loop import Member, TrainOutcome, train_pack
 from peftlab.memory import PeakMemory
 from peftlab.methods import Baseline, Method, MethodContext, get_method
 from peftlab.models import (
@@ -57,7 +58,6 @@ from peftlab.records import (
     temporaries,
 )
 from peftlab.tasks import ClassificationTask, Splits, Task, build_task, prepare_splits
-from peftlab.train import Member, TrainOutcome, train_pack
 
 log = logging.getLogger("peftlab")
 

@@ -162,6 +162,11 @@ def load_study(path: str | Path | None = None, preset: str | None = None) -> Stu
     else:
         raw = read_yaml_mapping(path)
         where = str(path)
+    return study_config(raw, where)
+
+
+def study_config(raw: dict[str, Any], where: str = "study") -> StudyConfig:
+    """A study's settings validated (errors name the field and `where` they came from)."""
     try:
         return StudyConfig.model_validate(raw)
     except ValidationError as e:

@@ -6,7 +6,7 @@ import base64
 import html
 import itertools
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,7 @@ def headline_table(view: pd.DataFrame) -> pd.DataFrame:
             "wall_time_s": float(g.wall_time_s.mean()),
             "peak_memory_mb": float(g.peak_memory_mb.mean()),
             "peak_memory_kind": str(first.peak_memory_kind),
+            "pack_size": int(g.pack_size.max()) if "pack_size" in g else 1,
             "diverged": int((g.status == "diverged").sum()),
             "seedless": bool(first.shared_across_sizes),
             "keys": list(g.key[finite]), "run_seeds": list(g.seed[finite]),
@@ -317,6 +318,8 @@ def display_headline(headline: pd.DataFrame, task: str, sizes: list) -> pd.DataF
         t[t.label == lab].method_name.iloc[0] not in REFERENCES,
         t[t.label == lab].method_name.iloc[0], t[t.label == lab].trainable_params.iloc[0]))
     memory = _memory_column(t.peak_memory_kind)
+    if "pack_size" in t and (t.pack_size > 1).any():
+        memory = memory.replace("this run)", "this run, or its pack)")
     for label in order:
         g = t[t.label == label]
         first = g.iloc[0]
@@ -331,6 +334,9 @@ def display_headline(headline: pd.DataFrame, task: str, sizes: list) -> pd.DataF
                 row[f"n={size}"] += f" lr {_lr(cell.iloc[0].lr)}"
         row["wall s/run"] = _fmt(g.wall_time_s.mean())
         row[memory] = _fmt(g.peak_memory_mb.mean(), 0)
+        packed = int(g.pack_size.max()) if "pack_size" in g else 1
+        if packed > 1:  # one process trained the pack: its memory, not one run's
+            row[memory] += f" (pack of {packed})"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -339,7 +345,14 @@ def display_significance(sig: pd.DataFrame, best: pd.DataFrame, task: str) -> pd
     """One row per method and size: its difference against the best trained method, full
     fine-tuning and the untuned model; significant ones (Holm) in bold."""
     rows = []
-    for (t, size), g in best[best.task == task].groupby(["task", "train_size"]):
+    groups = list(best[best.task == task].groupby(["task", "train_size"]))
+    bests = {next((label for label, rs in reference_roles(g).items() if "best" in rs), None)
+             for _, g in groups}
+    # one column against the best trained method: named in its header when it is the same
+    # for every training-set size, else each size's best is the row marked "— (best)"
+    best_header = f"vs best ({next(iter(bests))})" if len(bests) == 1 and None not in bests \
+        else "vs best trained of its n"
+    for (t, size), g in groups:
         roles = reference_roles(g)
         by_role = {role: label for label, rs in roles.items() for role in rs}
         higher = bool(g.higher_is_better.iloc[0])
@@ -347,13 +360,14 @@ def display_significance(sig: pd.DataFrame, best: pd.DataFrame, task: str) -> pd
             row = {"n": size, "method": m.label, "test": _fmt(m.test_mean)}
             for role in ("best", "full", "untuned"):
                 ref = by_role.get(role)
-                header = f"vs {role}" + (f" ({ref})" if role == "best" and ref else "")
+                header = best_header if role == "best" else f"vs {role}"
                 if role != "best" and ref is not None and ref == by_role.get("best"):
                     row[header] = "= vs best"  # full fine-tuning is the best here
                     continue
                 p = _pair(sig, t, size, m.label, ref) if ref and ref != m.label else None
                 if p is None:
-                    row[header] = "—"
+                    row[header] = "— (best)" if role == "best" and ref == m.label \
+                        and len(bests) > 1 else "—"
                     continue
                 text = f"{p.difference:+.1f} [{p.ci_low:+.1f}, {p.ci_high:+.1f}] p={p.p_holm:.2g}"
                 row[header] = f"**{text}**" if p.significant else text
@@ -361,8 +375,21 @@ def display_significance(sig: pd.DataFrame, best: pd.DataFrame, task: str) -> pd
     return pd.DataFrame(rows)
 
 
-def write_report(study_dir: str | Path) -> dict[str, Path]:
-    """Read the run folders; write tables (CSV), figures (PNG, SVG), report.md, report.html."""
+@dataclass
+class StudyTables:
+    """What the report is computed from: every run (`runs.csv`), the headline (`headline.csv`)
+    and every comparison (`significance.csv`), as DataFrames."""
+
+    runs: pd.DataFrame
+    headline: pd.DataFrame
+    significance: pd.DataFrame
+    best: pd.DataFrame  # each method's best configuration per task and training-set size
+    view: pd.DataFrame  # runs, with runs shared by every sample size repeated for each
+    left_out: list[str]  # run folders not in the grid, or unreadable
+
+
+def study_tables(study_dir: str | Path) -> StudyTables:
+    """Read the run folders and compute the report's tables (nothing is written)."""
     study_dir = Path(study_dir)
     loaded, left_out = load_runs(study_dir)
     runs = select_learning_rates(loaded)
@@ -375,6 +402,15 @@ def write_report(study_dir: str | Path) -> dict[str, Path]:
                            f"({len(failed)} failed){first}")
     best = figures.best_configs(headline)
     sig = significance_table(study_dir, headline, best)
+    return StudyTables(runs, headline, sig, best, view, left_out)
+
+
+def write_report(study_dir: str | Path) -> dict[str, Path]:
+    """Read the run folders; write tables (CSV), figures (PNG, SVG), report.md, report.html."""
+    study_dir = Path(study_dir)
+    t = study_tables(study_dir)
+    runs, view, headline, best, sig, left_out = (t.runs, t.view, t.headline, t.best,
+                                                 t.significance, t.left_out)
     missing = missing_runs(study_dir, runs)
     colors = figures.method_colors(list(runs.method_name.dropna()))
     out = study_dir / "report"
@@ -424,7 +460,8 @@ INTRO = (
     "within each task and training-set size; every pair of configurations is in "
     "significance.csv. With 2 seeds a comparison has about one degree of freedom and a wide "
     "interval (clipped to the -100..100 a difference of two 0-100 scores can take): run 3 or "
-    "more."
+    "more. Runs trained in packs (`peftlab run --pack P`) show their share of the pack's wall "
+    "time, and the pack's peak memory (marked): one process held the pack."
 )
 
 APPENDIX_COLUMNS = ["key", "status", "selected", "learning_rate", "seed", "val_score", "test_score",

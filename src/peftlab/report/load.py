@@ -107,6 +107,8 @@ def load_runs(study_dir: Path) -> tuple[pd.DataFrame, list[str]]:
             "test_score": (s.get("test_metrics") or {}).get(metric),
             "wall_time_s": s.get("wall_time_s"), "peak_memory_mb": s.get("peak_memory_mb"),
             "peak_memory_kind": s.get("peak_memory_kind", "rss_process"),
+            # trained in a pack (peftlab.pack): its wall time is its share, its memory the pack's
+            "pack_size": int((s.get("pack") or {}).get("size", 1)),
             "error": s.get("error"),
         }
         for k, v in (s.get("test_metrics") or {}).items():

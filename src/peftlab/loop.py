@@ -1,4 +1,4 @@
-"""The training loop: one function, read top to bottom.
+"""The training loop (`train_pack`; a run alone is a pack of one), read top to bottom.
 
 Evaluate at step 0 (the untrained reference) and every `eval_every` steps; keep the state
 with the best validation metric; checkpoint after each evaluation so that a killed run

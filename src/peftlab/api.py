@@ -1,0 +1,183 @@
+"""peftlab from Python (a notebook): train a run, run a study, load what they left.
+
+    import peftlab
+    run = peftlab.train({"model": "t5-tiny", "task": "sst2", "method": "lora",
+                         "output_dir": "runs/lora"})
+    run.metrics            # every logged step, a pandas DataFrame
+    model, tokenizer = run.model()
+    study = peftlab.run_study(preset="smoke", out="studies/smoke")
+    study.runs, study.headline, study.significance
+
+The same engine as the command line, which is a thin layer on these functions: a study run
+here and one run by `peftlab run` write the same folders.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from peftlab.config import RunConfig, load_run_config, read_yaml_mapping, resolve_run_config
+from peftlab.errors import PeftlabError
+from peftlab.records import CONFIG, METRICS, PREDICTIONS, SUMMARY, read_json, read_jsonl_checked
+
+log = logging.getLogger("peftlab")
+
+
+@dataclass
+class Run:
+    """A run folder: its resolved config, summary, metrics rows and test predictions."""
+
+    path: Path
+    config: RunConfig
+    summary: dict[str, Any]
+
+    @property
+    def metrics(self) -> pd.DataFrame:
+        """One row per logged or evaluated step (step 0 included)."""
+        return pd.DataFrame(read_jsonl_checked(self.path / METRICS))
+
+    @property
+    def predictions(self) -> pd.DataFrame:
+        """One row per test example: id, reference, prediction, scores."""
+        return pd.DataFrame(read_jsonl_checked(self.path / PREDICTIONS))
+
+    def model(self) -> tuple[Any, Any]:
+        """The model with the run's selected state loaded (inference form), and its tokenizer:
+        `model.generate(**tokenizer(text, return_tensors="pt"))`."""
+        from peftlab.run import restore
+
+        s = restore(self.path)
+        if s.model is None:
+            raise PeftlabError(f"{self.path}: a `{self.config.method}` run has no model")
+        return s.model.eval(), s.tokenizer
+
+
+def load_run(path: str | Path) -> Run:
+    """A finished run folder (`summary.json` present)."""
+    path = Path(path)
+    if not (path / CONFIG).is_file():
+        raise PeftlabError(f"{path}: not a run folder (no {CONFIG})")
+    if not (path / SUMMARY).is_file():
+        raise PeftlabError(f"{path}: the run has not finished (no {SUMMARY})")
+    return Run(path, load_run_config(path / CONFIG), read_json(path / SUMMARY))
+
+
+def train(config: RunConfig | dict[str, Any] | str | Path | None = None, *,
+          overwrite: bool = False, progress: bool = True, **settings: Any) -> Run:
+    """Train one run (resuming an unfinished one in its folder) and return it.
+
+    `config`: a RunConfig, a mapping of settings, or a run config YAML file; `settings`
+    override it by name (`train("run.yaml", method="prefix", learning_rate=3e-3)`).
+    """
+    from peftlab.run import run
+
+    if isinstance(config, RunConfig):
+        raw = config.model_dump()
+    elif isinstance(config, dict):
+        raw = dict(config)
+    elif config is not None:
+        raw = read_yaml_mapping(config)
+    else:
+        raw = {}
+    for name in ("method", "task"):  # another method's (task's) settings do not carry over
+        if name in settings and settings[name] != raw.get(name) and f"{name}_args" not in settings:
+            raw.pop(f"{name}_args", None)
+    cfg = resolve_run_config({**raw, **settings})
+    run(cfg, progress=progress, overwrite=overwrite)
+    return load_run(cfg.output_dir)
+
+
+@dataclass
+class Study:
+    """A study folder: every run as one DataFrame, and the report's tables."""
+
+    path: Path
+    counts: dict[str, int] = field(default_factory=dict)  # this call's run statuses
+    locked: list[str] = field(default_factory=list)  # cells other processes held
+
+    def _tables(self) -> Any:
+        from peftlab.report import study_tables
+
+        return study_tables(self.path)
+
+    @property
+    def runs(self) -> pd.DataFrame:
+        """Every run folder of the study (`report/runs.csv`)."""
+        return self._tables().runs.drop(columns=["error"], errors="ignore")
+
+    @property
+    def headline(self) -> pd.DataFrame:
+        """Test mean, spread and interval per task, method, size and training-set size, at
+        the learning rate chosen on validation (`report/headline.csv`)."""
+        return self._tables().headline.drop(columns=["keys", "run_seeds", "run_scores"],
+                                            errors="ignore")
+
+    @property
+    def significance(self) -> pd.DataFrame:
+        """Every pair of configurations compared (`report/significance.csv`)."""
+        return self._tables().significance
+
+    def run(self, key: str) -> Run:
+        """One cell's run, by its folder relative to the study (`sst2/lora/n64/lr0.001/seed0`)."""
+        return load_run(self.path / key)
+
+    def report(self) -> dict[str, Path]:
+        """Write report.md, report.html, the CSV tables and the figures."""
+        from peftlab.report import write_report
+
+        return write_report(self.path)
+
+
+def load_study(path: str | Path) -> Study:
+    path = Path(path)
+    if not path.is_dir():
+        raise PeftlabError(f"{path}: folder not found")
+    return Study(path)
+
+
+def run_study(study: str | Path | dict[str, Any] | None = None, *, preset: str | None = None,
+              out: str | Path | None = None, workers: int | None = None, pack: int | None = None,
+              runs_per_gpu: int = 1, backend: str = "local", address: str | None = None,
+              retry_failed: bool = False, rerun_changed: bool = False, report: bool = True,
+              progress: bool = True, dry_run: bool = False,
+              say: Callable[[str], None] = log.info,
+              warn: Callable[[str], None] = log.warning) -> Study:
+    """Run a study (a file, a mapping, or a built-in `preset`) into `out` (default
+    studies/NAME): every cell of its grid, skipping finished runs and resuming unfinished
+    ones, then write its report. `say` receives what the command line prints (the grid, its
+    cost and packs), `warn` the cells whose records are corrupt or whose settings changed;
+    `dry_run` stops there."""
+    from peftlab import study as st
+
+    if backend not in ("local", "ray"):
+        raise PeftlabError(f"backend must be local or ray, got {backend!r}")
+    config = st.study_config(study) if isinstance(study, dict) else st.load_study(study, preset)
+    folder = Path(out) if out is not None else Path("studies") / config.name
+    cells = st.expand(config, folder)
+    plan = st.plan(cells, retry_failed, rerun_changed)
+    for message in plan.messages():
+        warn(message)
+    pack_size = pack or config.pack
+    say(st.describe(cells, plan.todo, pack_size))
+    if dry_run:
+        return Study(folder)
+    st.apply(plan)
+    st.clean_finished(cells)
+    st.write_study_files(config, cells, folder)
+    groups = st.packs(plan.todo, pack_size)
+    n_workers = workers or st.default_workers(plan.todo, runs_per_gpu, len(groups))
+    if len(plan.todo) > 1 and backend == "local":
+        in_packs = "" if len(groups) == len(plan.todo) else f" in {len(groups)} packs"
+        say(f"{len(plan.todo)} runs{in_packs}, {n_workers} at a time")
+    outcome = st.execute(plan.todo, n_workers, backend, address, runs_per_gpu,
+                         progress=progress, pack=pack_size)
+    result = Study(folder, outcome.counts, outcome.locked)
+    if report:
+        result.report()
+    return result
