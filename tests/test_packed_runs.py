@@ -121,7 +121,8 @@ def test_with_dropout_each_member_draws_the_masks_of_its_unpacked_run(tmp_path, 
         assert_same_run(tmp_path / f"packed{i}", tmp_path / f"alone{i}")
 
 
-@pytest.mark.parametrize("method", ["lora", "prefix", "prompt"])
+@pytest.mark.parametrize("method", [pytest.param("lora", marks=pytest.mark.slow), "prefix",
+                                    pytest.param("prompt", marks=pytest.mark.slow)])
 def test_each_member_of_a_pack_is_its_unpacked_run_samsum(tmp_path, method):
     pack_and_alone(tmp_path, MEMBERS[:2], method=method, method_args=METHOD_ARGS[method],
                    task="samsum", train_size=8, val_size=4, test_size=4, max_new_tokens=6,
@@ -216,9 +217,9 @@ def test_a_study_in_packs_writes_what_it_writes_unpacked(tmp_path, unpacked_stud
     assert code == 0, out
     # lora: 2 rates x 3 seeds = 6 cells -> 4 + 2; prompt: 3 seeds -> 3; full, untuned alone
     assert "packs of up to 4: 9 of the runs to run in 3 packs (sizes 4, 3, 2), 4 alone" in out
-    code, out = run_study(tmp_path, "s", "--pack", "4", "--workers", "1")
+    code, out = run_study(tmp_path, "s", "--pack", "4", "--workers", "2")
     assert code == 0, out
-    assert "13 runs in 7 packs" in out and "13 completed" in out
+    assert "13 runs in 7 packs, 2 at a time" in out and "13 completed" in out
     study = tmp_path / "s"
     assert run_folders(study) == run_folders(unpacked_study)
     packed = {}

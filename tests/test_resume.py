@@ -73,7 +73,8 @@ def straight(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method,moment", [
-    ("lora", "step0"), ("lora", 5), ("lora", 25), ("prefix", 15),
+    ("lora", "step0"), pytest.param("lora", 5, marks=pytest.mark.slow), ("lora", 25),
+    ("prefix", 15),
 ])
 def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, straight, method, moment):
     killed = tmp_path / "killed"

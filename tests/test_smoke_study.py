@@ -28,6 +28,7 @@ MINI = {
                 {"method": "prefix", "learning_rates": [1e-2]}],
     "train_sizes": [16],
     "seeds": [0, 1, 2],
+    "pack": 3,  # the README's main job packs too (the smoke preset)
 }
 RUNS = {"sst2": 1 + 3 + 3 + 6 + 3, "samsum": 1 + 1 + 3 + 6 + 3}
 

@@ -178,20 +178,6 @@ def test_ray_backend_on_a_local_instance_runs_a_pack_as_one_task(tmp_path):
     assert packs[0]["id"] == packs[1]["id"] and [p["index"] for p in packs] == [0, 1]
 
 
-def test_worker_processes_run_the_grid_in_packs(tmp_path):
-    """Two packs (LoRA's two seeds, LN's two seeds: different methods never share one), one
-    per worker."""
-    methods = [{"method": "lora", "learning_rates": [1e-3]},
-               {"method": "ln", "learning_rates": [3e-3]}]
-    assert set(run_two_cells(tmp_path, methods, [0, 1], "--workers", "2", "--pack", "4")
-               .values()) == {"completed"}
-    sizes = {p.parent.relative_to(tmp_path / "s").as_posix(): json.loads(p.read_text())["pack"]
-             for p in (tmp_path / "s").rglob("summary.json")}
-    assert {k: (v["size"], v["index"]) for k, v in sizes.items()} == {
-        "sst2/lora/n16/lr0.001/seed0": (2, 0), "sst2/lora/n16/lr0.001/seed1": (2, 1),
-        "sst2/ln/n16/lr0.003/seed0": (2, 0), "sst2/ln/n16/lr0.003/seed1": (2, 1)}
-
-
 def _children(pid: int) -> list[int]:
     """Worker processes (spawned by multiprocessing) whose parent is `pid`."""
     found = []

@@ -504,7 +504,8 @@ PACK_METHOD_ARGS = {"prompt": {"num_virtual_tokens": 20}, "prefix": {"num_prefix
 
 
 def measure_pack(method: str, shape: str, pack: int, n_runs: int, workers: int | None = None,
-                 model: str = MODEL, cell: dict[str, Any] | None = None) -> dict[str, Any]:
+                 model: str = MODEL, cell: dict[str, Any] | None = None,
+                 matmul_size: int | None = None) -> dict[str, Any]:
     """`n_runs` cells of one method and shape, differing only in seed, through the study
     runner in packs of `pack` (1: every run alone): runs per hour, and the MFU of their
     training steps: the steps' useful FLOPs (real tokens, `model_flops`) over the wall time
@@ -555,7 +556,7 @@ def measure_pack(method: str, shape: str, pack: int, n_runs: int, workers: int |
             b = next(batches)
             flops += model_flops(model_config, (b["attention_mask"].sum(1)).tolist(),
                                  ((b["labels"] != -100).sum(1)).tolist(), method == "full")
-    peak = measure_matmul()
+    peak = measure_matmul(matmul_size)
     precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
     return {"method": method, "shape": shape, "pack": pack, "runs": n_runs, "workers": workers,
             "packs": len(packs(cells, pack)), "seconds": seconds,
