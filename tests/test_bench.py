@@ -102,6 +102,7 @@ def test_markdown_reports_every_section():
     assert text.index("| 1 | 2 | 50 |") < text.index("| 8 | 16 | 50 |")  # N in order
 
 
+@pytest.mark.slow  # 45-50 s of subprocesses; the sections' logic is tested above and below
 def test_tiny_benchmark_matches_the_reference_loss_and_keeps_earlier_sections(tmp_path):
     kw = dict(methods=["lora"], shapes=["sst2"], steps=2, warmup=1, precision="fp32",
               model="t5-tiny", log=lambda m: None)

@@ -73,3 +73,39 @@ def test_loading_a_local_untied_checkpoint_prints_no_known_harmless_warning(tmp_
                               MethodContext(str(TOKENIZER_DIR), 1), False)
     assert [w for w in unfiltered if "is_gradient_checkpointing" in str(w.message)]
     assert model.lm_head.weight.data_ptr() != model.shared.weight.data_ptr()
+
+
+def test_offline_a_hub_model_fails_at_once_saying_how_to_download_it(monkeypatch):
+    """No network: no connection is attempted (no minute of retries), and the error names
+    the current download command."""
+    import socket
+
+    import peftlab.hub
+    import peftlab.models
+    from peftlab.errors import DataError, ModelLoadError
+    from peftlab.tasks.common import load_hub_split
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a connection was attempted")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(peftlab.hub, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(peftlab.models, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    with pytest.raises(ModelLoadError) as e:
+        peftlab.models.load_model("google/flan-t5-base")
+    assert "cannot be reached" in str(e.value) and "`hf download google/flan-t5-base" in str(e.value)
+    with pytest.raises(ModelLoadError, match="hf download google/flan-t5-base"):
+        peftlab.models.load_tokenizer("google/flan-t5-base")
+    with pytest.raises(DataError, match="cannot be reached from here. Set PEFTLAB_DATA_DIR"):
+        load_hub_split("glue", "sst2", "train")
+
+
+def test_the_hub_probe_respects_the_offline_setting(monkeypatch):
+    import peftlab.hub
+
+    peftlab.hub.hub_reachable.cache_clear()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert peftlab.hub.hub_reachable() is False
+    peftlab.hub.hub_reachable.cache_clear()

@@ -152,3 +152,30 @@ def test_peak_memory_is_each_runs_own_even_in_one_process(tmp_path):
     assert big["peak_memory_kind"] == small["peak_memory_kind"] == "rss_run"
     assert big["peak_memory_mb"] - small["peak_memory_mb"] > 700, (big["peak_memory_mb"],
                                                                     small["peak_memory_mb"])
+
+
+def test_train_help_lists_every_run_setting_with_its_default():
+    from peftlab.config import RunConfig
+
+    result = runner.invoke(app, ["train", "--help"], terminal_width=200)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 0
+    for name in RunConfig.model_fields:
+        assert f"{name}:" in text, name
+    assert "max_steps: 200 -- optimizer steps" in text and "dropout: None" in text
+
+
+def test_without_a_terminal_training_logs_progress_lines(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from peftlab.api import train as api_train
+
+    monkeypatch.setenv("PEFTLAB_PROGRESS_SECONDS", "0")
+    with caplog.at_level(logging.INFO, logger="peftlab"):
+        api_train({"model": "t5-tiny", "task": "sst2", "method": "lora", "train_size": 16,
+                   "val_size": 8, "test_size": 8, "max_steps": 3, "eval_every": 3,
+                   "batch_size": 4, "output_dir": str(tmp_path / "run")}, progress=True)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train")]
+    assert [line.split(",")[0] for line in lines] == ["train: step 1/3", "train: step 2/3",
+                                                      "train: step 3/3"]
+    assert "loss " in lines[0] and "steps/s" in lines[0] and "ETA" in lines[0]

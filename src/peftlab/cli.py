@@ -45,7 +45,21 @@ def _guarded(fn: Callable[[], Any]) -> Any:
         raise typer.Exit(2) from None
 
 
-@app.command("train")
+def _config_keys() -> str:
+    """Every run setting with its default, for `peftlab train --help`."""
+    from peftlab.config import RunConfig
+
+    lines = ["Run settings (`--set KEY=VALUE`, or keys of the --config YAML), with defaults:", ""]
+    for name, field in RunConfig.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        text = f"{name}: {default!r}" + (f" -- {field.description}" if field.description else "")
+        lines.append(text)
+    lines += ["", "method_args and task_args: the method's and task's own settings "
+              "(`peftlab methods` lists each method's)."]
+    return "\n\n".join(lines)
+
+
+@app.command("train", epilog=_config_keys())
 def train_cmd(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="run config YAML")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="key=value override")] = None,

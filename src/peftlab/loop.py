@@ -9,7 +9,9 @@ improving (`early_stopping_patience`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +30,8 @@ from peftlab.dropout import MemberMasks, member_dropout
 from peftlab.errors import CheckpointError
 from peftlab.methods import Method
 from peftlab.pack import step_gradients
+
+log = logging.getLogger("peftlab")
 
 
 @dataclass
@@ -249,6 +253,7 @@ def train_pack(
             run.window_start = time.perf_counter()
         bar = tqdm(total=sum(r.cfg.max_steps for r in runs), initial=sum(r.step for r in runs),
                    desc="train", leave=False, disable=not progress or None)
+        lines = ProgressLines(runs, progress and bar.disable)  # a log, not a TTY: lines
         while any(run.active for run in runs):
             # --- one optimizer step of every active member, over grad_accum_steps micro-batches
             micro_batches = [[next(run.batches) for _ in range(run.cfg.grad_accum_steps)]
@@ -263,9 +268,45 @@ def train_pack(
             for run in stepped:
                 _finish_step(run, evaluations.get(run.index), metric, higher_is_better,
                              snapshot, masks.generators[run.index])
+            lines.maybe(losses)
         bar.close()
     model.eval()
     return [run.out for run in runs]
+
+
+class ProgressLines:
+    """Progress as log lines every `PEFTLAB_PROGRESS_SECONDS` (default 30) when the progress
+    bar is off because the output is not a terminal (a job log, `nohup`, a notebook's
+    captured stream): a 16-minute run used to print nothing until it ended."""
+
+    def __init__(self, runs: list[_MemberRun], enabled: bool):
+        self.runs, self.enabled = runs, enabled
+        self.every = float(os.environ.get("PEFTLAB_PROGRESS_SECONDS", "30"))
+        self.began = self.last = time.perf_counter()
+        self.steps_at_start = sum(r.step for r in runs)
+
+    def maybe(self, losses: list[float | None]) -> None:
+        now = time.perf_counter()
+        if not self.enabled or now - self.last < self.every:
+            return
+        self.last = now
+        done = sum(r.step for r in self.runs)
+        total = sum(r.cfg.max_steps for r in self.runs)
+        rate = (done - self.steps_at_start) / max(now - self.began, 1e-9)
+        eta = (total - done) / rate if rate > 0 else float("nan")
+        finite = [x for x in losses if x is not None and math.isfinite(x)]
+        loss = f"loss {sum(finite) / len(finite):.4g}" if finite else "loss -"
+        who = f" ({len(self.runs)} runs)" if len(self.runs) > 1 else ""
+        log.info("train%s: step %d/%d, %s, %.2f steps/s, ETA %s", who, done, total, loss, rate,
+                 _duration(eta))
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "-"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
 def _optimizer_step(run: _MemberRun, micro_batches: list[dict[str, torch.Tensor]],

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerBase, T5Config
 
 from peftlab.errors import ModelLoadError
+from peftlab.hub import download_hint, hub_reachable
 
 PRESET_INIT_SEED = 0
 FLAN_T5_SMALL_TOKENIZER = "google/flan-t5-small"
@@ -98,12 +99,9 @@ silence_known_warnings()
 
 
 def _offline_hint(name: str, what: str) -> str:
-    return (
-        f"could not load {what} `{name}`. If this machine has no internet, download it "
-        f"elsewhere (`huggingface-cli download {name} --local-dir DIR`) and set "
-        f"`{what}: DIR` in the config, or use a random preset for smoke tests "
-        f"({', '.join(PRESETS)})."
-    )
+    unreachable = "" if hub_reachable() else " (the Hugging Face hub cannot be reached from here)"
+    return (f"could not load {what} `{name}`{unreachable}. {download_hint(name, what)} in the "
+            f"config, or use a random preset for smoke tests ({', '.join(PRESETS)}).")
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json")
@@ -120,7 +118,9 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
             "`tokenizer:` to a folder saved with `tokenizer.save_pretrained(DIR)`"
         )
     try:
-        return AutoTokenizer.from_pretrained(name)
+        # offline: the local cache only, at once (see peftlab.hub)
+        return AutoTokenizer.from_pretrained(name, local_files_only=not path.is_dir()
+                                             and not hub_reachable())
     except Exception as e:  # HF raises OSError, ValueError, HTTP errors...
         raise ModelLoadError(f"{_offline_hint(name, 'tokenizer')} ({type(e).__name__}: {e})") from e
 
@@ -162,7 +162,9 @@ def load_model(name: str) -> nn.Module:
     elif path.suffix or name.startswith((".", "/")):
         raise ModelLoadError(f"model folder `{name}` does not exist")
     try:
-        model = AutoModelForSeq2SeqLM.from_pretrained(name, dtype=torch.float32)
+        model = AutoModelForSeq2SeqLM.from_pretrained(
+            name, dtype=torch.float32,
+            local_files_only=not path.is_dir() and not hub_reachable())  # see peftlab.hub
     except Exception as e:
         raise ModelLoadError(f"{_offline_hint(name, 'model')} ({type(e).__name__}: {e})") from e
     return model.eval()

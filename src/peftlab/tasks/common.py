@@ -33,6 +33,15 @@ def absolute_data_dir(args: Any) -> Any:
 
 def load_hub_split(dataset: str, config: str | None, split: str) -> list[dict[str, Any]]:
     """A split from the HF hub via `datasets`; offline failures say how to use local files."""
+    from peftlab.hub import hub_reachable, offline_by_setting
+
+    if not offline_by_setting() and not hub_reachable():
+        # at once, not after datasets' retries (HF_HUB_OFFLINE=1 reads a cached copy)
+        raise DataError(
+            f"`{dataset}` split `{split}`: the Hugging Face hub cannot be reached from here. "
+            "Set PEFTLAB_DATA_DIR (or task_args.data_dir) to a folder with "
+            "sst2/{train,dev}.tsv and samsum/{train,validation,test}.jsonl, or HF_HUB_OFFLINE=1 "
+            "to read a copy `datasets` cached earlier.")
     try:
         import datasets
 
