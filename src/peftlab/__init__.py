@@ -11,4 +11,5 @@ def __getattr__(name: str):  # the Python API, imported on first use (torch load
     raise AttributeError(f"module 'peftlab' has no attribute {name!r}")
 
 
-__all__ = ["Run", "Study", "load_run", "load_study", "run_study", "train"]
+__all__ = ["Run", "Study", "export", "load_adapter", "load_run", "load_study", "run_study",
+           "train"]

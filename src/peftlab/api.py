@@ -58,6 +58,22 @@ class Run:
         return s.model.eval(), s.tokenizer
 
 
+def export(run: str | Path | Run, to: str | Path, merge: bool = False) -> Path:
+    """The run's trained state as a peft adapter folder (`PeftModel.from_pretrained` loads
+    it), peftlab's own folder for prefix and layer-norm tuning (`load_adapter`), or with
+    `merge` a full model folder (LoRA, (IA)^3, LN). See peftlab.adapters."""
+    from peftlab.adapters import export_run
+
+    return export_run(run.path if isinstance(run, Run) else run, to, merge)
+
+
+def load_adapter(folder: str | Path) -> tuple[Any, Any]:
+    """A prefix or layer-norm adapter `export` wrote: (model, tokenizer)."""
+    from peftlab.adapters import load_adapter as load
+
+    return load(folder)
+
+
 def load_run(path: str | Path) -> Run:
     """A finished run folder (`summary.json` present)."""
     path = Path(path)

@@ -134,6 +134,21 @@ def run_cmd(
         console.print(f"report: {paths['html']}", soft_wrap=True, highlight=False)
 
 
+@app.command("export")
+def export_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run folder")],
+    to: Annotated[Path, typer.Option(help="a new folder for the adapter")],
+    merge: Annotated[bool, typer.Option(
+        help="LoRA, IA3, LN: a full model folder with the adapter folded in")] = False,
+) -> None:
+    """Write a run's trained state as a peft adapter folder (PeftModel.from_pretrained loads
+    it; prefix and LN tuning: a folder peftlab.load_adapter loads), or a merged model."""
+    from peftlab.api import export
+
+    folder = _guarded(lambda: export(run_dir, to, merge))
+    console.print(f"exported: {folder}", soft_wrap=True, highlight=False)
+
+
 @app.command("report")
 def report_cmd(
     study_dir: Annotated[Path, typer.Argument(help="a study folder")],

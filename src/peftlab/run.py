@@ -130,7 +130,7 @@ class Setup:
 
     cfg: RunConfig
     task: Task
-    splits: Splits
+    splits: Splits | None  # None: set up without data (a model alone)
     method: Method | Baseline
     tokenizer: PreTrainedTokenizerBase | None = None
     model: torch.nn.Module | None = None
@@ -176,13 +176,15 @@ class Setup:
                                   self.eval_settings(split, progress))
 
 
-def setup(cfg: RunConfig, for_inference: bool = False, pack: bool = True) -> Setup:
+def setup(cfg: RunConfig, for_inference: bool = False, pack: bool = True, data: bool = True
+          ) -> Setup:
     """Data, tokenizer, model and method, seeded: the same config gives the same setup.
 
     A method that trains is set up as a pack of one (peftlab.pack): the one way a run trains,
     alone or beside other runs. `pack=False` leaves the method's own modules (the benchmark's
-    reference pipeline trains those)."""
-    return setup_pack([cfg], for_inference, pack)[0]
+    reference pipeline trains those). `data=False`: no split is read (splits None), for a
+    model alone."""
+    return setup_pack([cfg], for_inference, pack, data)[0]
 
 
 # What the members of a pack may differ in (peftlab.pack): everything else is one model, one
@@ -204,8 +206,8 @@ def packable(cfg: RunConfig) -> bool:
     return not isinstance(method, Baseline) and method.trains and method.route is not None
 
 
-def setup_pack(cfgs: list[RunConfig], for_inference: bool = False, pack: bool = True
-               ) -> list[Setup]:
+def setup_pack(cfgs: list[RunConfig], for_inference: bool = False, pack: bool = True,
+               data: bool = True) -> list[Setup]:
     """One setup per run, all on ONE model: the runs' method tensors are the members of its
     pack, each initialised as its run alone would be (seeded by its own seed)."""
     first = cfgs[0]
@@ -222,7 +224,7 @@ def setup_pack(cfgs: list[RunConfig], for_inference: bool = False, pack: bool = 
                            + ("it does not train" if not method.trains
                               else "it has no routed form (peftlab.pack)"))
     setups = [Setup(cfg, task, prepare_splits(task, cfg.train_size, cfg.val_size, cfg.test_size,
-                                              cfg.seed), method, member=m)
+                                              cfg.seed) if data else None, method, member=m)
               for m, cfg in enumerate(cfgs)]
     if isinstance(method, Baseline):
         return setups
@@ -251,9 +253,9 @@ def setup_pack(cfgs: list[RunConfig], for_inference: bool = False, pack: bool = 
         Pack(model, [{n: t.to(device) for n, t in st.items()} for st in states], method.route)
     eval_features: dict[str, Features] = {}
     for s in setups:
-        if any([e.id for e in getattr(s.splits, split)]
-               != [e.id for e in getattr(setups[0].splits, split)]
-               for split in ("validation", "test")):
+        if data and any([e.id for e in getattr(s.splits, split)]
+                        != [e.id for e in getattr(setups[0].splits, split)]
+                        for split in ("validation", "test")):
             raise PeftlabError("the runs of a pack must share their validation and test examples")
         s.tokenizer, s.model, s.base_params, s.device = tokenizer, model, base_params, device
         s.bf16 = use_bf16(s.cfg, device)
@@ -558,12 +560,12 @@ def load_run_dir(run_dir: str | Path) -> tuple[RunConfig, Path]:
     return load_run_config(run_dir / "config.yaml"), run_dir
 
 
-def restore(run_dir: str | Path) -> Setup:
-    """Rebuild a saved run: base model + method + the state it saved."""
+def restore(run_dir: str | Path, data: bool = True) -> Setup:
+    """Rebuild a saved run: base model + method + the state it saved (`data`: and its splits)."""
     from safetensors.torch import load_file
 
     cfg, run_dir = load_run_dir(run_dir)
-    s = setup(cfg, for_inference=True)
+    s = setup(cfg, for_inference=True, data=data)
     if not isinstance(s.method, Baseline) and s.method.trains:
         path = run_dir / ADAPTER
         if not path.is_file():

@@ -1,0 +1,100 @@
+"""Exported adapters load outside peftlab (plain peft, plain transformers) and predict what
+the run predicted."""
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import peftlab
+from peftlab.cli import app
+from peftlab.errors import PeftlabError
+from tests.conftest import TOKENIZER_DIR
+
+RUN = dict(task="sst2", train_size=16, val_size=8, test_size=16, max_steps=4, eval_every=2,
+           batch_size=4, learning_rate=1e-2)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """t5-tiny saved as a plain model folder, as a user's base checkpoint would be."""
+    from peftlab.models import load_model, load_tokenizer
+
+    folder = tmp_path_factory.mktemp("base")
+    load_model("t5-tiny").save_pretrained(folder)
+    load_tokenizer(str(TOKENIZER_DIR)).save_pretrained(folder)
+    return folder
+
+
+def predictions_of(model, tokenizer, run):
+    """Test predictions of `model` through peftlab's evaluation of the run's test split."""
+    from peftlab.evaluate import evaluate_model
+    from peftlab.run import setup
+
+    s = setup(run.config, data=True)
+    settings = s.eval_settings("test", progress=False)
+    result = evaluate_model(model, tokenizer, s.task, s.splits.test, s.features("test"), settings)
+    return [r["prediction"] for r in result.rows]
+
+
+@pytest.mark.parametrize("method,args", [
+    ("lora", {}), ("ia3", {}), ("prompt", {"num_virtual_tokens": 4}),
+    ("peft", {"peft_type": "LOHA", "config": {"r": 2, "target_modules": ["q", "v"]}})])
+def test_a_peft_adapter_loads_in_plain_peft_and_predicts_what_the_run_did(tmp_path, base, method,
+                                                                        args):
+    from peft import PeftModel
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    run = peftlab.train({**RUN, "model": str(base), "method": method, "method_args": args,
+                         "learning_rate": 0.3 if method == "prompt" else 1e-2,
+                         "output_dir": str(tmp_path / "run")}, progress=False)
+    result = CliRunner().invoke(app, ["export", str(run.path), "--to", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "adapter_config.json").is_file()
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base),
+                                      tmp_path / "out").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert predictions_of(model, tokenizer, run) == list(run.predictions.prediction)
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "ln"])
+def test_a_merged_model_loads_in_transformers_with_the_same_outputs(tmp_path, base, method):
+    from transformers import AutoModelForSeq2SeqLM
+
+    run = peftlab.train({**RUN, "model": str(base), "method": method,
+                         "output_dir": str(tmp_path / "run")}, progress=False)
+    peftlab.export(run, tmp_path / "merged", merge=True)
+    merged = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "merged").eval()
+    model, tokenizer = run.model()
+    batch = tokenizer(["a fine, funny film"], return_tensors="pt")
+    start = torch.zeros((1, 1), dtype=torch.long)
+    with torch.no_grad():
+        a = merged(**batch, decoder_input_ids=start).logits
+        b = model(**batch, decoder_input_ids=start).logits
+    assert torch.allclose(a, b, atol=1e-4)
+    assert predictions_of(merged, tokenizer, run) == list(run.predictions.prediction)
+
+
+@pytest.mark.parametrize("method", ["prefix", "ln"])
+def test_peftlabs_own_methods_export_a_folder_peftlab_loads(tmp_path, method):
+    run = peftlab.train({**RUN, "model": "t5-tiny", "method": method,
+                         "method_args": {"num_prefix_tokens": 4} if method == "prefix" else {},
+                         "output_dir": str(tmp_path / "run")}, progress=False)
+    out = peftlab.export(run, tmp_path / "out")
+    assert (out / "peftlab_adapter.json").is_file() and not (out / "adapter_config.json").exists()
+    model, tokenizer = peftlab.load_adapter(out)
+    assert predictions_of(model, tokenizer, run) == list(run.predictions.prediction)
+
+
+def test_export_refuses_what_it_cannot_do_and_never_writes_into_a_used_folder(tmp_path):
+    run = peftlab.train({**RUN, "model": "t5-tiny", "method": "prompt",
+                         "method_args": {"num_virtual_tokens": 4}, "learning_rate": 0.3,
+                         "output_dir": str(tmp_path / "run")}, progress=False)
+    with pytest.raises(PeftlabError, match="--merge: `prompt` adds tensors"):
+        peftlab.export(run, tmp_path / "m", merge=True)
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "notes.txt").write_text("mine")
+    with pytest.raises(PeftlabError, match="not an empty folder"):
+        peftlab.export(run, used)
+    assert [p.name for p in used.iterdir()] == ["notes.txt"]
