@@ -79,9 +79,11 @@ def train_cmd(
     console.print(
         f"[bold]{summary['status']}[/]: {summary['method']} on {summary['task']}, "
         f"best step {summary['best_step']}, val {metric} {summary['val_metrics'].get(metric):.4g}, "
-        f"test {json.dumps({k: round(v, 4) for k, v in summary['test_metrics'].items()})}"
+        f"test {json.dumps({k: round(v, 4) for k, v in summary['test_metrics'].items()})}",
+        soft_wrap=True, highlight=False,  # one line: a log reader greps it, a pipe keeps it
     )
-    console.print("time: " + ", ".join(f"{phase} {s:.1f} s" for phase, s in summary["time_s"].items()))
+    console.print("time: " + ", ".join(f"{phase} {s:.1f} s" for phase, s in summary["time_s"].items()),
+                  soft_wrap=True, highlight=False)
     if summary["status"] != "completed":
         raise typer.Exit(1)
 
@@ -120,7 +122,7 @@ def run_cmd(
         study_file, preset=preset, out=out, workers=workers, pack=pack,
         runs_per_gpu=runs_per_gpu, backend=backend, address=address, retry_failed=retry_failed,
         rerun_changed=rerun_changed, report=False, progress=not quiet, dry_run=dry_run,
-        say=lambda m: console.print(m, highlight=False),
+        say=lambda m: console.print(m, highlight=False, soft_wrap=True),
         warn=lambda m: err_console.print(m, highlight=False, soft_wrap=True)))
     if dry_run:
         return
