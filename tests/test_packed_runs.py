@@ -215,8 +215,9 @@ def unpacked_study(tmp_path_factory):
 def test_a_study_in_packs_writes_what_it_writes_unpacked(tmp_path, unpacked_study):
     code, out = run_study(tmp_path, "s", "--pack", "4", "--dry-run")
     assert code == 0, out
-    # lora: 2 rates x 3 seeds = 6 cells -> 4 + 2; prompt: 3 seeds -> 3; full, untuned alone
-    assert "packs of up to 4: 9 of the runs to run in 3 packs (sizes 4, 3, 2), 4 alone" in out
+    # lora: 2 rates x 3 seeds = 6 cells -> 3 + 3 (split evenly); prompt: 3 seeds -> 3;
+    # full fine-tuning and the untuned model alone
+    assert "packs of up to 4: 9 of the runs to run in 3 packs (sizes 3), 4 alone" in out
     code, out = run_study(tmp_path, "s", "--pack", "4", "--workers", "2")
     assert code == 0, out
     assert "13 runs in 7 packs, 2 at a time" in out and "13 completed" in out
@@ -228,17 +229,16 @@ def test_a_study_in_packs_writes_what_it_writes_unpacked(tmp_path, unpacked_stud
         if "pack" in summary:
             packed.setdefault(summary["pack"]["id"], []).append(summary["pack"]["index"])
         assert_same_run(study / folder, unpacked_study / folder)
-    assert sorted(sorted(v) for v in packed.values()) == [[0, 1], [0, 1, 2], [0, 1, 2, 3]]
+    assert sorted(sorted(v) for v in packed.values()) == [[0, 1, 2]] * 3
 
 
 def test_a_pack_killed_mid_training_resumes_to_the_same_files(tmp_path, unpacked_study):
-    import os
-    import signal
     import subprocess
     import sys
-    import time
 
     import yaml
+
+    from tests.test_resume import kill_when
 
     path = tmp_path / "study.yaml"
     study = dict(STUDY, methods=[STUDY["methods"][2]], pack=6)  # lora: one pack of 6
@@ -259,13 +259,7 @@ def test_a_pack_killed_mid_training_resumes_to_the_same_files(tmp_path, unpacked
                 pass
         return False
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not some_checkpoint():
-        time.sleep(0.002)
-    assert proc.poll() is None, "the pack ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_when(cmd, some_checkpoint)
     assert not any((p.parent.parent / "summary.json").exists() for p in pointers)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -361,3 +355,21 @@ def test_a_pack_that_fails_runs_its_cells_one_by_one(tmp_path, monkeypatch):
         summary = read_json(tmp_path / "s" / "sst2" / "lora" / "n16" / f"lr{lr}" / "seed0" /
                             "summary.json")
         assert summary["status"] == "completed" and "pack" not in summary
+
+
+def test_a_group_larger_than_a_pack_is_split_evenly(tmp_path):
+    """9 cells (3 rates x 3 seeds) in packs of up to 8: 5 and 4, not 8 and one run alone;
+    methods that cannot be packed, and other sizes, never share a pack."""
+    from pathlib import Path
+
+    from peftlab.study import expand, packs, study_config
+
+    study = study_config(dict(STUDY, methods=[
+        {"method": "lora", "sizes": {"r": [2, 4]}, "learning_rates": [1e-3, 3e-3, 1e-2]},
+        {"method": "full", "learning_rates": [1e-4]}]))
+    cells = expand(study, Path(tmp_path))
+    groups = packs(cells, 8)
+    assert sorted(len(g) for g in groups) == [1, 1, 1, 4, 4, 5, 5]
+    for g in groups:
+        assert len({(c.config.method, str(c.config.method_args)) for c in g}) == 1
+    assert [len(g) for g in packs(cells, 1)] == [1] * len(cells)

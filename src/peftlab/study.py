@@ -426,21 +426,32 @@ def _run_alone(cfg: RunConfig, labels: dict[str, Any], progress: bool) -> str:
 def packs(cells: list[Cell], size: int) -> list[list[Cell]]:
     """The cells in packs of up to `size`: cells whose runs may train together (same task,
     model, method and size, schedule; any seed and learning rate) and whose method can be
-    packed; every other cell alone. In grid order (a pack where its first cell is)."""
+    packed; every other cell alone. A group larger than `size` is split evenly (9 cells in
+    packs of up to 8: 5 and 4, not 8 and a run alone). In grid order (a pack where its first
+    cell is)."""
     from peftlab.run import pack_key, packable
 
-    groups: dict[str, list[list[Cell]]] = {}
+    groups: dict[str, list[Cell]] = {}
     order: list[list[Cell]] = []
     for cell in cells:
         if size <= 1 or not packable(cell.config):
             order.append([cell])
             continue
-        chunks = groups.setdefault(pack_key(cell.config), [])
-        if not chunks or len(chunks[-1]) == size:
-            chunks.append([])
-            order.append(chunks[-1])
-        chunks[-1].append(cell)
-    return order
+        key = pack_key(cell.config)
+        if key not in groups:
+            groups[key] = []
+            order.append(groups[key])
+        groups[key].append(cell)
+    out = []
+    for group in order:
+        count = -(-len(group) // max(size, 1))
+        base, extra = divmod(len(group), count)
+        start = 0
+        for i in range(count):
+            end = start + base + (1 if i < extra else 0)
+            out.append(group[start:end])
+            start = end
+    return out
 
 
 def pack_name(cells: list[Cell]) -> str:
