@@ -62,3 +62,22 @@ def test_run_study_and_load_study_give_the_report_tables(tmp_path):
     assert loaded.run("sst2/lora/n16/lr0.01/seed1").summary["pack"]["size"] == 2
     with pytest.raises(PeftlabError, match="folder not found"):
         peftlab.load_study(tmp_path / "nothing")
+
+
+def test_calibrate_runs_one_pack_of_each_method_and_projects_the_rest(tmp_path):
+    study = {"name": "cal", "base": {k: v for k, v in RUN.items() if k not in ("task", "method")},
+             "tasks": {"sst2": {}},
+             "methods": [{"method": "untuned"}, {"method": "lora", "learning_rates": [1e-3, 1e-2]},
+                         {"method": "ln", "learning_rates": [3e-3]}],
+             "train_sizes": [16], "seeds": [0, 1]}
+    messages = []
+    result = peftlab.run_study(study, out=tmp_path / "s", workers=1, pack=2, progress=False,
+                               calibrate=True, say=messages.append)
+    # lora's first pack (2 runs) and ln's (2 runs); the untuned model is not worth timing
+    assert result.counts == {"completed": 4}
+    finished = sorted(p.parent.relative_to(tmp_path / "s").as_posix()
+                      for p in (tmp_path / "s").rglob("summary.json"))
+    assert finished == ["sst2/ln/n16/lr0.003/seed0", "sst2/ln/n16/lr0.003/seed1",
+                        "sst2/lora/n16/lr0.001/seed0", "sst2/lora/n16/lr0.001/seed1"]
+    assert "estimated time for 2 of the 3 pending runs" in messages[-1]
+    assert "no measured time yet for 1 task/method pairs (sst2/untuned)" in messages[-1]

@@ -161,14 +161,15 @@ def run_study(study: str | Path | dict[str, Any] | None = None, *, preset: str |
               out: str | Path | None = None, workers: int | None = None, pack: int | None = None,
               runs_per_gpu: int = 1, backend: str = "local", address: str | None = None,
               retry_failed: bool = False, rerun_changed: bool = False, report: bool = True,
-              progress: bool = True, dry_run: bool = False,
+              progress: bool = True, dry_run: bool = False, calibrate: bool = False,
               say: Callable[[str], None] = log.info,
               warn: Callable[[str], None] = log.warning) -> Study:
     """Run a study (a file, a mapping, or a built-in `preset`) into `out` (default
     studies/NAME): every cell of its grid, skipping finished runs and resuming unfinished
     ones, then write its report. `say` receives what the command line prints (the grid, its
     cost and packs), `warn` the cells whose records are corrupt or whose settings changed;
-    `dry_run` stops there."""
+    `dry_run` stops there; `calibrate` runs the first pack (or run) of each task and method,
+    then says the projected time of the rest, and stops."""
     from peftlab import study as st
 
     if backend not in ("local", "ray"):
@@ -180,14 +181,22 @@ def run_study(study: str | Path | dict[str, Any] | None = None, *, preset: str |
     for message in plan.messages():
         warn(message)
     pack_size = pack or config.pack
-    say(st.describe(cells, plan.todo, pack_size))
+    groups = st.packs(plan.todo, pack_size)
+    n_workers = workers or st.default_workers(plan.todo, runs_per_gpu, len(groups))
+    if not calibrate:
+        say(st.describe(cells, plan.todo, pack_size, n_workers))
     if dry_run:
         return Study(folder)
     st.apply(plan)
     st.clean_finished(cells)
     st.write_study_files(config, cells, folder)
-    groups = st.packs(plan.todo, pack_size)
-    n_workers = workers or st.default_workers(plan.todo, runs_per_gpu, len(groups))
+    if calibrate:
+        first = st.calibration_cells(plan.todo, pack_size)
+        say(f"calibrating: {len(first)} runs (the first pack or run of each task and method)")
+        outcome = st.execute(first, min(n_workers, len(first)) or 1, backend, address,
+                             runs_per_gpu, progress=progress, pack=pack_size)
+        say(st.describe(cells, st.plan(cells, retry_failed).todo, pack_size, n_workers))
+        return Study(folder, outcome.counts, outcome.locked)
     if len(plan.todo) > 1 and backend == "local":
         in_packs = "" if len(groups) == len(plan.todo) else f" in {len(groups)} packs"
         say(f"{len(plan.todo)} runs{in_packs}, {n_workers} at a time")

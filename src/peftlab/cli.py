@@ -104,6 +104,9 @@ def run_cmd(
     backend: Annotated[str, typer.Option(help="local or ray")] = "local",
     address: Annotated[str | None, typer.Option(help="Ray cluster address; none: local")] = None,
     dry_run: Annotated[bool, typer.Option(help="print the grid and its cost, run nothing")] = False,
+    calibrate: Annotated[bool, typer.Option(
+        help="run the first pack (or run) of each task and method, print the projected time "
+        "of the rest, and stop (the runs done are kept)")] = False,
     retry_failed: Annotated[bool, typer.Option(help="run failed runs again")] = False,
     rerun_changed: Annotated[bool, typer.Option(
         help="run again the cells whose finished runs used other settings than the study "
@@ -122,9 +125,10 @@ def run_cmd(
         study_file, preset=preset, out=out, workers=workers, pack=pack,
         runs_per_gpu=runs_per_gpu, backend=backend, address=address, retry_failed=retry_failed,
         rerun_changed=rerun_changed, report=False, progress=not quiet, dry_run=dry_run,
+        calibrate=calibrate,
         say=lambda m: console.print(m, highlight=False, soft_wrap=True),
         warn=lambda m: err_console.print(m, highlight=False, soft_wrap=True)))
-    if dry_run:
+    if dry_run or calibrate:
         return
     summary = ", ".join(f"{n} {status}" for status, n in study.counts.items()) or "nothing to run"
     console.print(f"study {study.path}: {summary}", soft_wrap=True, highlight=False)

@@ -618,7 +618,20 @@ def _wall_time(cell: Cell) -> float | None:
     return value if isinstance(value, int | float) and value > 0 else None
 
 
-def describe(cells: list[Cell], todo: list[Cell], pack: int = 1) -> str:
+def calibration_cells(todo: list[Cell], pack: int) -> list[Cell]:
+    """The first pack (or run) of each task and method among the cells to run: run first,
+    they give the measured times the projection of the rest needs (and are kept: they are
+    cells of the study)."""
+    chosen: dict[tuple[str, str], list[Cell]] = {}
+    for group in packs(todo, pack):
+        first = group[0].labels
+        if first.get("learning_rate") is None:  # untuned, baselines: seconds, not worth it
+            continue
+        chosen.setdefault((first["task"], first["method_name"]), group)
+    return [c for group in chosen.values() for c in group]
+
+
+def describe(cells: list[Cell], todo: list[Cell], pack: int = 1, workers: int = 1) -> str:
     """The --dry-run text: runs per task and method, steps, packs, and a time estimate if
     possible."""
     lines = [f"{len(cells)} runs ({len(todo)} to run, {len(cells) - len(todo)} finished)"]
@@ -648,5 +661,15 @@ def describe(cells: list[Cell], todo: list[Cell], pack: int = 1) -> str:
     if todo_known:
         eta = sum(measured[(c.labels["task"], c.labels["method_name"])] for c in todo_known)
         lines.append(f"estimated time for {len(todo_known)} of the {len(todo)} pending runs "
-                     f"(from finished ones): {eta / 3600:.2f} h on one worker")
+                     f"(from finished ones: their mean wall time per task and method, a packed "
+                     f"run's share of its pack): {eta / 3600:.2f} h on one worker"
+                     + (f", about {eta / 3600 / workers:.2f} h with {workers} at a time"
+                        if workers > 1 else ""))
+    missing = sorted({(c.labels["task"], c.labels["method_name"]) for c in todo}
+                     - set(measured))
+    if missing and todo:
+        lines.append(f"no measured time yet for {len(missing)} task/method pairs "
+                     f"({', '.join('/'.join(m) for m in missing[:6])}"
+                     f"{', ...' if len(missing) > 6 else ''}): `--calibrate` runs one pack or "
+                     "run of each first and projects the rest")
     return "\n".join(lines)
