@@ -84,6 +84,11 @@ class RunConfig(BaseModel):
         "the thread count changes floating-point sums (results would depend on how many runs "
         "share the machine). None: every CPU for `peftlab train`; 1 per run in a study"
     )
+    log_to: list[Literal["tensorboard"]] = Field(
+        default_factory=list, description="experiment trackers that also get the config, "
+        "every metrics row and the summary (an optional extra each: pip install "
+        "'peftlab[tensorboard]')"
+    )
     output_dir: str = "runs/run"
 
     @field_validator("train_size", "val_size", "test_size")
@@ -239,12 +244,16 @@ def resolve_run_config(raw: dict[str, Any]) -> RunConfig:
     absolute = getattr(task, "absolute_paths", None)
     if absolute is not None:
         updates["task_args"] = absolute(task_args).model_dump()
+    if cfg.log_to:
+        from peftlab.trackers import check_available
+
+        check_available(cfg.log_to)  # a missing package names its extra, before anything runs
     return cfg.model_copy(update=updates)
 
 
 # Where a run's files are, not what it computes: a study moved to another folder, or data
 # reached by another path, is the same study.
-LOCATION_KEYS = ("output_dir", "task_args.data_dir")
+LOCATION_KEYS = ("output_dir", "task_args.data_dir", "log_to")  # log_to: where copies go
 
 
 def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -20,6 +20,7 @@ import yaml
 from peftlab.errors import PeftlabError
 
 CONFIG, METRICS, SUMMARY, ADAPTER = "config.yaml", "metrics.jsonl", "summary.json", "adapter.safetensors"
+TENSORBOARD = "tensorboard"  # log_to: tensorboard writes its event files here
 CELL_FILE = "study_cell.json"  # a study's labels for the run: the report reads them
 PREDICTIONS = "predictions/test.jsonl"
 EVAL_FILES = tuple(f"eval/{split}.{ext}" for split in ("test", "validation")
@@ -105,6 +106,8 @@ def run_files(folder: Path) -> list[Path]:
         for step in root.iterdir():
             if step.is_dir() and CHECKPOINT_DIR.fullmatch(step.name):
                 found += [step / n for n in CHECKPOINT_FILES if (step / n).is_file()]
+    # `log_to: tensorboard` event files (peftlab.trackers)
+    found += sorted((folder / TENSORBOARD).glob("events.out.tfevents.*"))
     return found + temporaries(folder)
 
 
@@ -136,7 +139,7 @@ def remove_run_files(folder: Path) -> None:
     for path in files:
         path.unlink(missing_ok=True)
     for sub in (*sorted((folder / CHECKPOINTS).glob("step-*")), folder / CHECKPOINTS,
-                folder / "predictions", folder / "eval"):
+                folder / "predictions", folder / "eval", folder / TENSORBOARD):
         if sub.is_dir() and not any(sub.iterdir()):
             sub.rmdir()
 

@@ -47,11 +47,13 @@ from peftlab.models import (
 from peftlab.pack import Pack, initial_state
 from peftlab.records import (
     ADAPTER,
+    CELL_FILE,
     CHECKPOINTS,
     CONFIG,
     METRICS,
     PREDICTIONS,
     SUMMARY,
+    read_json,
     read_jsonl_checked,
     remove_checkpoints,
     remove_run_files,
@@ -403,6 +405,7 @@ class _Record:
     resume: Checkpoint | None
     rows: list[dict[str, Any]]
     notes: list[str]
+    trackers: list[Any] = field(default_factory=list)  # log_to (peftlab.trackers)
 
     @property
     def out(self) -> Path:
@@ -411,9 +414,23 @@ class _Record:
     def log_row(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
         write_jsonl(self.out / METRICS, self.rows)
+        for tracker in self.trackers:
+            tracker.row(row)
 
     def save(self, ckpt: Checkpoint) -> None:
         save_checkpoint(self.out, ckpt)
+
+
+def _trackers(cfg: RunConfig, resume: Checkpoint | None) -> list[Any]:
+    """The run's `log_to` trackers, given its study cell's labels where it has them."""
+    if not cfg.log_to:
+        return []
+    from peftlab.trackers import open_trackers
+
+    cell = Path(cfg.output_dir) / CELL_FILE
+    labels = read_json(cell) if cell.is_file() else None
+    return open_trackers(cfg.log_to, Path(cfg.output_dir), cfg.model_dump(), labels,
+                         resume.step if resume else None)
 
 
 def _run_held(cfgs: list[RunConfig], setups: list[Setup], started: float, memory: PeakMemory,
@@ -422,7 +439,7 @@ def _run_held(cfgs: list[RunConfig], setups: list[Setup], started: float, memory
     for cfg, s in zip(cfgs, setups):
         resume, rows, notes = prepare_output(cfg, overwrite)
         write_yaml(Path(cfg.output_dir) / CONFIG, cfg.model_dump())
-        records.append(_Record(cfg, s, resume, rows, notes))
+        records.append(_Record(cfg, s, resume, rows, notes, _trackers(cfg, resume)))
     setup_s = time.perf_counter() - started
     s0 = setups[0]
     counts = parameter_counts(s0)  # before training: prefix tuning's MLP folds away after it
@@ -535,6 +552,8 @@ def _finish(r: _Record, outcome: TrainOutcome, test: EvalResult, test_s: float,
     if pack is not None:
         summary["pack"] = {**pack, "wall_time_s": wall}
     write_json(out / SUMMARY, summary)  # last: its presence marks a finished run
+    for tracker in r.trackers:
+        tracker.finish(summary)
     remove_checkpoints(out)
     return summary
 
