@@ -51,3 +51,18 @@ def test_an_unknown_tracker_is_refused_by_name(tmp_path):
     with pytest.raises(ConfigError, match="log_to"):
         peftlab.train({**RUN, "log_to": ["tensorbord"], "output_dir": str(tmp_path / "run")},
                       progress=False)
+
+
+def test_a_resumed_run_replaces_the_events_logged_after_its_checkpoint(tmp_path):
+    from peftlab.trackers import TensorBoard
+
+    first = TensorBoard(tmp_path, {"seed": 0}, None, resume_step=None)
+    for step in range(5):  # killed after logging step 4; its last checkpoint was at step 2
+        first.row({"step": step, "train_loss": 10.0 + step})
+    first.writer.close()
+    again = TensorBoard(tmp_path, {"seed": 0}, None, resume_step=2)
+    for step in (3, 4):
+        again.row({"step": step, "train_loss": 20.0 + step})
+    again.finish({"test_metrics": {"accuracy": 50.0}, "best_step": 4})
+    losses = [(e.step, e.value) for e in events(tmp_path).Scalars("train/train_loss")]
+    assert losses == [(0, 10.0), (1, 11.0), (2, 12.0), (3, 23.0), (4, 24.0)]
