@@ -82,6 +82,11 @@ def _routed(model: nn.Module, s: EvalSettings, rows: int) -> contextlib.Abstract
     return model.peftlab_pack.router.routing(route)
 
 
+def _each(result: Any, s: EvalSettings) -> list[Any]:
+    """One result per evaluated member: `s.members`' list, or a run's single result."""
+    return result if s.members else [result]
+
+
 def _picked_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = logits.float()
     logp = torch.log_softmax(logits, dim=-1)
@@ -332,7 +337,7 @@ def evaluate_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: T
             ranked = rank_classify(evaluated, features, candidates, s,
                                    generate_with=tokenizer if s.generate else None)
             labels = [ex.label for ex in examples]
-            for r in ranked if s.members else [ranked]:
+            for r in _each(ranked, s):
                 gold = r.nll[np.arange(len(labels)), labels]
                 loss = float(gold[:, 0].sum() / gold[:, 1].sum())
                 metrics, scored = task.metrics(r.scores.argmax(axis=1).tolist(), r.generated,
@@ -341,7 +346,7 @@ def evaluate_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, task: T
         else:
             losses = teacher_forced_loss(evaluated, features, s)
             outputs = generate(evaluated, tokenizer, features, s)
-            for loss, texts in zip(*((losses, outputs) if s.members else ([losses], [outputs]))):
+            for loss, texts in zip(_each(losses, s), _each(outputs, s)):
                 metrics, scored = task.metrics(texts, examples)
                 results.append(EvalResult({"loss": loss, **metrics}, _rows(examples, scored)))
     finally:

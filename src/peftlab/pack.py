@@ -46,31 +46,26 @@ class Router:
         return 0 if self.members == 1 else self.only
 
     @contextlib.contextmanager
-    def evaluating(self, member: int) -> Iterator[None]:
+    def _set(self, name: str, value: Any) -> Iterator[None]:
+        """`self.<name>` is `value` inside the block, what it was after."""
+        previous = getattr(self, name)
+        setattr(self, name, value)
+        try:
+            yield
+        finally:
+            setattr(self, name, previous)
+
+    def evaluating(self, member: int) -> contextlib.AbstractContextManager:
         """Every row that goes through the model inside the block is member `member`'s."""
-        previous, self.only = self.only, member
-        try:
-            yield
-        finally:
-            self.only = previous
+        return self._set("only", member)
 
-    @contextlib.contextmanager
-    def routing(self, route: torch.Tensor) -> Iterator[None]:
-        previous, self.route = self.route, route
-        try:
-            yield
-        finally:
-            self.route = previous
+    def routing(self, route: torch.Tensor) -> contextlib.AbstractContextManager:
+        return self._set("route", route)
 
-    @contextlib.contextmanager
-    def each_member(self) -> Iterator[None]:
+    def each_member(self) -> contextlib.AbstractContextManager:
         """Row m is member m's: a computation per member (the prefix MLP on its embedding),
         with no per-row copy of the weights."""
-        previous, self.by_member = self.by_member, True
-        try:
-            yield
-        finally:
-            self.by_member = previous
+        return self._set("by_member", True)
 
     def rows(self, n: int) -> torch.Tensor:
         """The member of each of `n` rows. A batch expanded row by row (`repeat_interleave`:

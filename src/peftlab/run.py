@@ -446,14 +446,14 @@ def _run_held(cfgs: list[RunConfig], setups: list[Setup], started: float, memory
     trains = not isinstance(s0.method, Baseline) and s0.method.trains
     outcomes: list[TrainOutcome | None] = [None] * len(records)
     if not trains:
-        for r in records:
+        for index, r in enumerate(records):
             began = time.perf_counter()
             val = r.s.evaluate("validation", progress=progress)
             r.log_row({"step": 0, "train_loss": None,
                        **{f"val_{k}": v for k, v in val.metrics.items()}, "lr": None,
                        "elapsed_s": time.perf_counter() - started, "examples_per_s": None,
                        "eval_s": time.perf_counter() - began})
-            outcomes[records.index(r)] = TrainOutcome("completed", 0, val.metrics, {})
+            outcomes[index] = TrainOutcome("completed", 0, val.metrics, {})
     else:
         while True:
             members = [Member(r.cfg, r.s.features("train"), r.log_row, r.resume, r.save)
