@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from peftlab.cli import app
 from peftlab.config import load_run_config
+from peftlab.errors import ConfigError
 from tests.conftest import DATA_DIR, tiny_run_sets
 
 runner = CliRunner()
@@ -130,3 +131,28 @@ def test_label_words_that_are_equal_are_refused_before_anything_is_written(tmp_p
     fails(["train", *_custom_classification(tmp_path, {"a": "☃", "b": "☄"})],
           "label words '☃' and '☄' are the same tokens")
     assert not (tmp_path / "run").exists()
+
+
+def test_method_defaults_follow_the_models_family(tmp_path):
+    from peftlab.config import resolve_run_config
+
+    lora = resolve_run_config({"model": "bart-tiny", "method": "lora"})
+    assert lora.method_args["target_modules"] == ["q_proj", "v_proj"]
+    assert resolve_run_config({"model": "t5-tiny"}).method_args["target_modules"] == ["q", "v"]
+    ia3 = resolve_run_config({"model": "bart-tiny", "method": "ia3"})
+    assert ia3.method_args["feedforward_modules"] == ["fc2"]
+    # what the config sets wins over the family's default
+    own = resolve_run_config({"model": "bart-tiny", "method_args": {"target_modules": ["fc1"]}})
+    assert own.method_args["target_modules"] == ["fc1"]
+
+
+def test_a_method_that_cannot_adapt_a_family_says_so_at_config_time(tmp_path):
+    from peftlab.config import resolve_run_config
+
+    folder = tmp_path / "pegasus"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "pegasus"}')
+    with pytest.raises(ConfigError, match=r"prefix supports t5 and bart models; `model` .*"
+                                          r"pegasus is a pegasus model"):
+        resolve_run_config({"model": str(folder), "method": "prefix"})
+    resolve_run_config({"model": str(folder), "method": "lora"})  # peft decides at load

@@ -86,6 +86,44 @@ def test_peftlabs_own_methods_export_a_folder_peftlab_loads(tmp_path, method):
     assert predictions_of(model, tokenizer, run) == list(run.predictions.prediction)
 
 
+@pytest.fixture(scope="module")
+def bart_base(tmp_path_factory):
+    from peftlab.models import load_model, load_tokenizer
+
+    folder = tmp_path_factory.mktemp("bart")
+    load_model("bart-tiny").save_pretrained(folder)
+    load_tokenizer(str(TOKENIZER_DIR)).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("method,how", [("lora", "peft"), ("ln", "merge"), ("prefix", "peftlab")])
+def test_bart_runs_export_as_t5_runs_do(tmp_path, bart_base, method, how):
+    """A BART folder's family is read from its config: LoRA on q_proj/v_proj loads in plain
+    peft, LayerNorm tuning (scales and biases) merges, prefixes load in peftlab."""
+    from peft import PeftModel
+    from transformers import AutoModelForSeq2SeqLM
+
+    run = peftlab.train({**RUN, "model": str(bart_base), "method": method,
+                         "method_args": {"num_prefix_tokens": 4} if method == "prefix" else {},
+                         # by loss: a random BART's validation accuracy stays 50% for 4 steps,
+                         # so accuracy would select step 0, the untrained state
+                         "selection_metric": "loss", "output_dir": str(tmp_path / "run")},
+                        progress=False)
+    assert run.summary["best_step"] > 0
+    out = peftlab.export(run, tmp_path / "out", merge=how == "merge")
+    if how == "peft":
+        assert run.config.method_args["target_modules"] == ["q_proj", "v_proj"]
+        model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(bart_base), out)
+        tokenizer = run.model()[1]
+    elif how == "merge":
+        model, tokenizer = AutoModelForSeq2SeqLM.from_pretrained(out), run.model()[1]
+        trained = {n: p for n, p in model.named_parameters() if "layer_norm" in n and ".bias" in n}
+        assert trained and any(p.abs().sum() > 0 for p in trained.values())  # biases trained
+    else:
+        model, tokenizer = peftlab.load_adapter(out)
+    assert predictions_of(model.eval(), tokenizer, run) == list(run.predictions.prediction)
+
+
 def test_export_refuses_what_it_cannot_do_and_never_writes_into_a_used_folder(tmp_path):
     run = peftlab.train({**RUN, "model": "t5-tiny", "method": "prompt",
                          "method_args": {"num_virtual_tokens": 4}, "learning_rate": 0.3,

@@ -1,4 +1,5 @@
-"""One matrix over every registered model method, on t5-tiny with real SST-2 batches."""
+"""One matrix over every registered model method, on t5-tiny (and the count and save/load
+checks on mt5-tiny and bart-tiny) with real SST-2 batches."""
 
 from types import SimpleNamespace
 
@@ -7,6 +8,7 @@ import torch
 
 from peftlab.data import collate, tokenize
 from peftlab.errors import ConfigError
+from peftlab.families import family
 from peftlab.methods import METHODS, Baseline, MethodContext
 from peftlab.models import load_model
 from peftlab.tasks import build_task, prepare_splits
@@ -15,8 +17,13 @@ from tests.conftest import TOKENIZER_DIR
 MODEL_METHODS = [n for n, m in METHODS.items() if not isinstance(m, Baseline)]
 
 
-def expected_trainable(name: str, cfg, args) -> int:
+FAMILY_MODELS = ["t5-tiny", "mt5-tiny", "bart-tiny"]
+
+
+def expected_trainable(name: str, cfg, args, model: str = "t5-tiny") -> int:
     """The analytic count for each method (inference-time parameters)."""
+    if cfg.model_type == "bart":
+        return expected_bart(name, cfg, args, model)
     D, inner, F = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff
     Le, Ld = cfg.num_layers, cfg.num_decoder_layers
     attentions = Le + 2 * Ld  # encoder self, decoder self, decoder cross
@@ -32,10 +39,37 @@ def expected_trainable(name: str, cfg, args) -> int:
     if name == "ln":
         return (2 * Le + 1 + 3 * Ld + 1) * D
     if name == "full":
-        return sum(p.numel() for p in load_model("t5-tiny").parameters())
+        return sum(p.numel() for p in load_model(model).parameters())
     if name == "untuned":
         return 0
     raise AssertionError(name)
+
+
+def expected_bart(name: str, cfg, args, model: str) -> int:
+    """BART: biased projections D -> D (q_proj, k_proj, v_proj), fc1/fc2 through F, and
+    LayerNorms with a scale and a bias (two per encoder layer, three per decoder layer, one
+    on each stack's embeddings)."""
+    D, F, Le, Ld = cfg.d_model, cfg.encoder_ffn_dim, cfg.encoder_layers, cfg.decoder_layers
+    attentions = Le + 2 * Ld
+    if name in ("lora", "peft"):  # q_proj and v_proj (peft's own default for BART too)
+        return attentions * 2 * args_r(args) * (D + D)
+    if name == "prefix":
+        return attentions * 2 * args.num_prefix_tokens * D
+    if name == "ia3":  # k_proj, v_proj outputs; fc2's input
+        return attentions * 2 * D + (Le + Ld) * F
+    if name == "ln":
+        return (2 * Le + 1 + 3 * Ld + 1) * 2 * D
+    if name == "prompt":
+        return args.num_virtual_tokens * D
+    if name == "full":
+        return sum(p.numel() for p in load_model(model).parameters())
+    if name == "untuned":
+        return 0
+    raise AssertionError(name)
+
+
+def args_r(args) -> int:
+    return getattr(args, "r", 8)
 
 
 @pytest.fixture(scope="module")
@@ -46,21 +80,24 @@ def batch(tokenizer):
     return collate(feats, list(range(8)), tokenizer.pad_token_id)
 
 
-def adapted(name: str, **args):
+def adapted(name: str, model: str = "t5-tiny", **args):
+    """The method on a fresh model, with the defaults a config gets for the model's family."""
     method = METHODS[name]
-    parsed = method.Args.model_validate(args)
+    parsed = method.Args.model_validate({**method.defaults_for(family(model)), **args})
     torch.manual_seed(0)
-    model = method.apply(load_model("t5-tiny"), parsed,
-                         MethodContext(str(TOKENIZER_DIR), 10), False)
-    return method, parsed, model
+    adapted_model = method.apply(load_model(model), parsed,
+                                 MethodContext(str(TOKENIZER_DIR), 10), False)
+    return method, parsed, adapted_model
 
 
+@pytest.mark.parametrize("model", FAMILY_MODELS)
 @pytest.mark.parametrize("name", MODEL_METHODS)
-def test_trainable_count_matches_formula_and_only_it_trains(name, batch):
-    method, args, model = adapted(name)
-    state = method.export_state(model)
+def test_trainable_count_matches_formula_and_only_it_trains(name, model, batch):
+    method, args, adapted_model = adapted(name, model)
+    state = method.export_state(adapted_model)
     count = sum(t.numel() for t in state.values())
-    assert count == expected_trainable(name, load_model("t5-tiny").config, args)
+    assert count == expected_trainable(name, load_model(model).config, args, model)
+    model = adapted_model
     if not method.trains:
         assert not any(p.requires_grad for p in model.parameters())
         return
@@ -82,16 +119,17 @@ def test_trainable_count_matches_formula_and_only_it_trains(name, batch):
     assert losses[-1] != losses[0]
 
 
+@pytest.mark.parametrize("model_name", FAMILY_MODELS)
 @pytest.mark.parametrize("name", [n for n in MODEL_METHODS if METHODS[n].trains])
-def test_saved_state_loads_into_a_fresh_model_and_reproduces_logits(name, batch):
-    method, args, model = adapted(name)
+def test_saved_state_loads_into_a_fresh_model_and_reproduces_logits(name, model_name, batch):
+    method, args, model = adapted(name, model_name)
     with torch.no_grad():  # perturb so that the state differs from any fresh init
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     model.eval()
     state = {k: v.detach().clone() for k, v in method.export_state(model).items()}
-    fresh = method.apply(load_model("t5-tiny"), args, MethodContext(str(TOKENIZER_DIR), 10), True)
+    fresh = method.apply(load_model(model_name), args, MethodContext(str(TOKENIZER_DIR), 10), True)
     fresh.eval()
     method.load_state(fresh, state)
     with torch.no_grad():

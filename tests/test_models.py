@@ -109,3 +109,41 @@ def test_the_hub_probe_respects_the_offline_setting(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert peftlab.hub.hub_reachable() is False
     peftlab.hub.hub_reachable.cache_clear()
+
+
+def test_family_presets_are_their_real_architectures():
+    from peftlab.families import family, model_type
+
+    for name, cls, kind in (("mt5-tiny", "MT5ForConditionalGeneration", "t5"),
+                            ("bart-tiny", "BartForConditionalGeneration", "bart"),
+                            ("t5-tiny", "T5ForConditionalGeneration", "t5")):
+        model = load_model(name)
+        assert type(model).__name__ == cls and family(name) == kind
+        # the Flan-T5 tokenizer's ids: pad 0, end of sequence 1, decoding starts from pad
+        assert (model.config.pad_token_id, model.config.eos_token_id,
+                model.config.decoder_start_token_id) == (0, 1, 0)
+    assert model_type("bart-tiny") == "bart" and model_type("mt5-tiny") == "mt5"
+    bart = load_model("bart-tiny")
+    assert bart.lm_head.weight is bart.get_input_embeddings().weight  # BART ties them
+    assert load_model("mt5-tiny").lm_head.weight is not load_model("mt5-tiny").shared.weight
+
+
+def test_a_local_folders_family_is_read_from_its_config(tmp_path):
+    from peftlab.families import family
+
+    load_model("bart-tiny").save_pretrained(tmp_path / "bart")
+    assert family(str(tmp_path / "bart")) == "bart"
+    (tmp_path / "pegasus").mkdir()
+    (tmp_path / "pegasus" / "config.json").write_text('{"model_type": "pegasus"}')
+    assert family(str(tmp_path / "pegasus")) == "other"
+
+
+def test_the_dropout_setting_reaches_barts_functional_dropouts():
+    from peftlab.models import set_dropout
+
+    model = load_model("bart-tiny")
+    set_dropout(model, 0.25)
+    rates = [getattr(m, key) for m in model.modules() for key in ("dropout", "activation_dropout")
+             if isinstance(getattr(m, key, None), float)]
+    assert len(rates) > 12 and set(rates) == {0.25}  # layers, attentions, stacks
+    assert (model.config.dropout, model.config.activation_dropout) == (0.25, 0.25)

@@ -122,6 +122,16 @@ def test_methods_lists_exact_counts():
     assert "lead-3" in result.output
 
 
+def test_methods_lists_exact_counts_on_bart_with_its_defaults():
+    result = runner.invoke(app, ["methods", "--model", "bart-tiny"])
+    assert result.exit_code == 0, result.output
+    # LoRA r=8 on q_proj, v_proj (6 attentions, 64 -> 64): 6 * 2 * 8 * 128; prefix 6 * 2 * 20
+    # * 64; (IA)^3 on k_proj, v_proj and fc2's 256 inputs; LayerNorm scales and biases (10)
+    for count in ("12,288", "15,360", "1,792", "1,536", "2,421,248"):
+        assert count in result.output
+    assert '"q_proj"' in result.output and '"fc2"' in result.output  # the family's defaults
+
+
 def test_offline_hub_model_says_how_to_use_a_local_copy(tmp_path):
     result = runner.invoke(app, ["train", "--set", "model=google/flan-t5-small",
                                  "--set", f"output_dir={tmp_path / 'r'}"])

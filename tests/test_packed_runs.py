@@ -19,7 +19,7 @@ import pytest
 from peftlab.config import resolve_run_config
 from peftlab.files import read_jsonl
 from peftlab.records import read_json
-from peftlab.run import run, run_pack
+from peftlab.run import packable, run, run_pack
 
 TIMING = ("elapsed_s", "examples_per_s", "eval_s")
 # what may differ between a member's record and its unpacked run's
@@ -166,9 +166,30 @@ def test_runs_that_differ_in_more_than_seed_and_rate_are_refused(tmp_path):
     with pytest.raises(PeftlabError, match="differ only in seed, learning_rate, output_dir"):
         run_pack([a, b], progress=False)
     full = [config(tmp_path, n, s, 1e-4, method="full") for n, s in (("f0", 0), ("f1", 1))]
-    with pytest.raises(PeftlabError, match="`full` cannot be packed"):
+    with pytest.raises(PeftlabError, match="cannot be packed: method `full` has no routed"):
         run_pack(full, progress=False)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "f0").exists()
+    # BART draws its dropout inside its layers from torch's generator: packs need dropout 0
+    bart = [config(tmp_path, n, s, 1e-3, model="bart-tiny", dropout=None) for n, s in
+            (("b0", 0), ("b1", 1))]
+    assert not packable(bart[0]) and packable(bart[0].model_copy(update={"dropout": 0.0}))
+    with pytest.raises(PeftlabError, match="BART's dropout.*set `dropout: 0`"):
+        run_pack(bart, progress=False)
+    assert not any((tmp_path / n).exists() for n in ("a", "f0", "b0"))
+
+
+@pytest.mark.parametrize("method,task", [(m, "sst2") for m in METHOD_ARGS] + [("prefix", "samsum")])
+def test_each_member_of_a_bart_pack_is_its_unpacked_run(tmp_path, method, task):
+    """BART (LayerNorms with biases, biased projections, learned positions; LoRA on q_proj and
+    v_proj by the family's defaults) packs as T5 does, with dropout off (see above)."""
+    samsum = dict(task="samsum", train_size=8, val_size=4, test_size=4, max_new_tokens=6,
+                  max_source_length=96, max_target_length=24, batch_size=2)
+    pack_and_alone(tmp_path, method=method, method_args=METHOD_ARGS[method], model="bart-tiny",
+                   **(samsum if task == "samsum" else {}))
+    for i in range(len(MEMBERS)):
+        assert_same_run(tmp_path / f"packed{i}", tmp_path / f"alone{i}")
+    losses = {tuple(r["train_loss"] for r in read_jsonl(tmp_path / f"packed{i}" / "metrics.jsonl"))
+              for i in range(3)}
+    assert len(losses) == 3
 
 
 # --- studies run in packs -------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Prefix tuning reaches every attention: encoder self, decoder self and decoder cross."""
+"""Prefix tuning reaches every attention: encoder self, decoder self and decoder cross, on
+T5, mT5 and BART."""
 
 import pytest
 import torch
@@ -14,10 +15,18 @@ MASK = (IDS != 0).long()
 LABELS = torch.tensor([[1465, 1], [2841, 1]])
 
 
-def prefixed(**args):
+FAMILIES = ["t5-tiny", "mt5-tiny", "bart-tiny"]
+
+
+def prefixed(model="t5-tiny", **args):
     torch.manual_seed(0)
     parsed = PREFIX.Args.model_validate(args)
-    return PREFIX.apply(load_model("t5-tiny"), parsed, MethodContext(str(TOKENIZER_DIR), 1), False)
+    return PREFIX.apply(load_model(model), parsed, MethodContext(str(TOKENIZER_DIR), 1), False)
+
+
+def stacks(model):
+    """(encoder, decoder) of a T5 or BART model."""
+    return model.get_encoder(), model.get_decoder()
 
 
 def logits(model, ids=IDS, mask=MASK, labels=LABELS):
@@ -25,46 +34,54 @@ def logits(model, ids=IDS, mask=MASK, labels=LABELS):
         return model(input_ids=ids, attention_mask=mask, labels=labels).logits
 
 
-def test_the_attention_function_without_prefixes_equals_t5():
-    base = load_model("t5-tiny")
-    patched = load_model("t5-tiny")
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_attention_function_without_prefixes_equals_the_models_own(name):
+    base = load_model(name)
+    patched = load_model(name)
     patched.set_attn_implementation(ATTN_NAME)
     assert torch.allclose(logits(base), logits(patched), atol=1e-5)
     gen = dict(input_ids=IDS, attention_mask=MASK, max_new_tokens=6)
     assert torch.equal(base.generate(**gen), patched.generate(**gen))
 
 
-def test_prefix_changes_encoder_and_decoder_outputs():
-    base, model = load_model("t5-tiny"), prefixed()
+@pytest.mark.parametrize("name", FAMILIES)
+def test_prefix_changes_encoder_and_decoder_outputs(name):
+    (encoder_base, decoder_base), model = stacks(load_model(name)), prefixed(name)
+    encoder, decoder = stacks(model)
     with torch.no_grad():
-        enc_base = base.encoder(input_ids=IDS, attention_mask=MASK).last_hidden_state
-        enc = model.encoder(input_ids=IDS, attention_mask=MASK).last_hidden_state
+        enc_base = encoder_base(input_ids=IDS, attention_mask=MASK).last_hidden_state
+        enc = encoder(input_ids=IDS, attention_mask=MASK).last_hidden_state
         # the same encoder states into both decoders: only the decoder prefixes differ
-        dec_base = base.decoder(input_ids=LABELS, encoder_hidden_states=enc,
+        dec_base = decoder_base(input_ids=LABELS, encoder_hidden_states=enc,
                                 encoder_attention_mask=MASK).last_hidden_state
-        dec = model.decoder(input_ids=LABELS, encoder_hidden_states=enc,
-                            encoder_attention_mask=MASK).last_hidden_state
+        dec = decoder(input_ids=LABELS, encoder_hidden_states=enc,
+                      encoder_attention_mask=MASK).last_hidden_state
     assert not torch.allclose(enc_base, enc, atol=1e-4)
     assert not torch.allclose(dec_base, dec, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("kind", KINDS)
-def test_zeroing_each_prefix_kind_changes_the_logits(kind):
-    model = prefixed(reparameterize=False)
+def test_zeroing_each_prefix_kind_changes_the_logits(kind, name):
+    model = prefixed(name, reparameterize=False)
     before = logits(model)
     with torch.no_grad():
         model.peftlab_prefix.prefixes[kind].zero_()
     assert not torch.allclose(before, logits(model), atol=1e-5)
 
 
-def test_every_attention_module_has_a_prefix_and_counts_match():
-    model = prefixed(num_prefix_tokens=7)
+@pytest.mark.parametrize(("name", "attention_class", "d_kv"), [
+    ("t5-tiny", "T5Attention", 8), ("mt5-tiny", "MT5Attention", 8),
+    ("bart-tiny", "BartAttention", 16)])
+def test_every_attention_module_has_a_prefix_and_counts_match(name, attention_class, d_kv):
+    model = prefixed(name, num_prefix_tokens=7)
     modules = attention_modules(model)
-    assert [len(modules[k]) for k in KINDS] == [2, 2, 2]
-    assert all(hasattr(m, "peftlab_prefix") for ms in modules.values() for m in ms)
+    everything = [m for m in model.modules() if type(m).__name__ == attention_class]
+    assert [len(modules[k]) for k in KINDS] == [2, 2, 2] and len(everything) == 6
+    assert all(hasattr(m, "peftlab_prefix") for m in everything)
     state = PREFIX.export_state(model)
     assert {k: tuple(v.shape) for k, v in state.items()} == {
-        f"peftlab_prefix.prefixes.{k}": (2, 2, 4, 7, 8) for k in KINDS
+        f"peftlab_prefix.prefixes.{k}": (2, 2, 4, 7, d_kv) for k in KINDS
     }
 
 
@@ -75,15 +92,17 @@ def test_kinds_option_limits_where_prefixes_go():
     assert all(hasattr(m, "peftlab_prefix") for m in modules["decoder_cross"])
 
 
-def test_padding_does_not_leak_into_a_prefixed_example():
-    model = prefixed()
+@pytest.mark.parametrize("name", FAMILIES)
+def test_padding_does_not_leak_into_a_prefixed_example(name):
+    model = prefixed(name)
     alone = logits(model, IDS[1:, :3], MASK[1:, :3], LABELS[1:])
     batched = logits(model)[1:]
     assert torch.allclose(alone, batched, atol=1e-5)
 
 
-def test_generation_with_cache_equals_without_and_beams_run():
-    model = prefixed()
+@pytest.mark.parametrize("name", FAMILIES)
+def test_generation_with_cache_equals_without_and_beams_run(name):
+    model = prefixed(name)
     gen = dict(input_ids=IDS, attention_mask=MASK, max_new_tokens=8, do_sample=False)
     with torch.no_grad():
         cached = model.generate(**gen, use_cache=True)
@@ -93,8 +112,9 @@ def test_generation_with_cache_equals_without_and_beams_run():
     assert beams.shape[0] == 2
 
 
-def test_folding_the_mlp_keeps_the_function():
-    model = prefixed(reparameterize=True)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_folding_the_mlp_keeps_the_function(name):
+    model = prefixed(name, reparameterize=True)
     assert not model.peftlab_prefix.plain
     before = logits(model)
     state = PREFIX.export_state(model)
@@ -115,8 +135,9 @@ def test_reparameterised_prefix_trains_through_the_mlp():
     assert any("mlps" in n for n in grads)
 
 
-def test_vocab_init_uses_real_activations():
-    model = prefixed(reparameterize=False, init="vocab")
+@pytest.mark.parametrize("name", FAMILIES)
+def test_vocab_init_uses_real_activations(name):
+    model = prefixed(name, reparameterize=False, init="vocab")
     enc = model.peftlab_prefix.prefixes["encoder"]
     # keys of layer 0 are the k-projection of real token states, not N(0, 0.25) noise
     assert not torch.allclose(enc, torch.zeros_like(enc))

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from peftlab.errors import STORAGE_ERRNOS, PeftlabError, describe_os_error
+from peftlab.errors import STORAGE_ERRNOS, ConfigError, PeftlabError, describe_os_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="peftlab: compare ways of adapting small seq2seq models, honestly.")
@@ -252,6 +252,7 @@ def methods_cmd(
     """List the methods with their default settings and exact trainable-parameter counts."""
     import torch
 
+    from peftlab.families import family
     from peftlab.methods import METHODS, Baseline, MethodContext
     from peftlab.models import count_parameters, default_tokenizer_for, load_model
 
@@ -261,15 +262,22 @@ def methods_cmd(
         table.add_column(col, overflow="fold")
 
     def rows() -> None:
+        kind = family(model)
         for name, m in METHODS.items():
-            settings = json.dumps(m.Args().model_dump())
             if isinstance(m, Baseline):
-                table.add_row(name, "0 (no model)", "0", "-", "-", settings)
+                table.add_row(name, "0 (no model)", "0", "-", "-", json.dumps(m.Args().model_dump()))
                 continue
+            try:
+                m.check_family(kind, model)
+            except ConfigError as e:
+                table.add_row(name, "-", "-", "-", "-", str(e))
+                continue
+            args = m.Args.model_validate(m.defaults_for(kind))  # the family's defaults
+            settings = json.dumps(args.model_dump())
             base = load_model(model)
             total = count_parameters(base)
             torch.manual_seed(0)
-            adapted = m.apply(base, m.Args(), MethodContext(default_tokenizer_for(model), 1), False)
+            adapted = m.apply(base, args, MethodContext(default_tokenizer_for(model), 1), False)
             trainable = sum(t.numel() for t in m.export_state(adapted).values())
             trained = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
             total += trainable if m.adds_parameters else 0

@@ -203,7 +203,8 @@ def load_run_config(path: str | Path | None = None, sets: list[str] | None = Non
 
 def resolve_run_config(raw: dict[str, Any]) -> RunConfig:
     """Validate a raw mapping and fill every default (method's, task's, tokenizer's)."""
-    from peftlab.methods import get_method
+    from peftlab.families import family as model_family
+    from peftlab.methods import Baseline, get_method
     from peftlab.models import default_tokenizer_for
     from peftlab.tasks import get_task
 
@@ -213,7 +214,12 @@ def resolve_run_config(raw: dict[str, Any]) -> RunConfig:
         raise ConfigError(format_validation_error(e, "", RunConfig)) from None
     method = get_method(cfg.method)
     task = get_task(cfg.task)
-    method_args = validate_args(method.Args, cfg.method_args, "method_args.")
+    defaults: dict[str, Any] = {}
+    if not isinstance(method, Baseline):  # a baseline reads no model
+        family = model_family(cfg.model)
+        method.check_family(family, cfg.model)
+        defaults = method.defaults_for(family)
+    method_args = validate_args(method.Args, {**defaults, **cfg.method_args}, "method_args.")
     task_args = validate_args(task.Args, cfg.task_args, "task_args.")
     updates: dict[str, Any] = {
         "method_args": method_args.model_dump(),

@@ -17,7 +17,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedTokenizerBase, T5Config
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    BartConfig,
+    MT5Config,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+    T5Config,
+)
 
 from peftlab.errors import ModelLoadError
 from peftlab.hub import download_hint, hub_reachable
@@ -25,7 +33,7 @@ from peftlab.hub import download_hint, hub_reachable
 PRESET_INIT_SEED = 0
 FLAN_T5_SMALL_TOKENIZER = "google/flan-t5-small"
 
-# Both presets keep d_model != num_heads * d_kv (512 vs 384 in Flan-T5-small): several PEFT
+# The T5 presets keep d_model != num_heads * d_kv (512 vs 384 in Flan-T5-small): several PEFT
 # code paths assume they are equal and break on the real geometry.
 PRESETS: dict[str, dict] = {
     "t5-tiny": dict(
@@ -36,14 +44,32 @@ PRESETS: dict[str, dict] = {
         d_model=512, d_kv=64, num_heads=6, d_ff=1024, num_layers=8, num_decoder_layers=8,
         relative_attention_num_buckets=32, relative_attention_max_distance=128,
     ),
+    # mT5 (MT5ForConditionalGeneration) in t5-tiny's geometry
+    "mt5-tiny": dict(
+        d_model=64, d_kv=8, num_heads=4, d_ff=256, num_layers=2, num_decoder_layers=2,
+        relative_attention_num_buckets=32, relative_attention_max_distance=128,
+    ),
+    # BART (BartForConditionalGeneration): learned positions, LayerNorm with biases, biased
+    # projections named q_proj/k_proj/v_proj/out_proj, fc1/fc2; tied embeddings as in BART
+    "bart-tiny": dict(
+        d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256,
+        max_position_embeddings=1024,
+    ),
 }
-_COMMON = dict(
+# The presets use the Flan-T5 tokenizer (the one on this machine), so every preset has its
+# vocabulary and special ids: pad 0, end-of-sequence 1, decoding starts from pad.
+_T5_COMMON = dict(
     vocab_size=32128, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new",
     dropout_rate=0.1, layer_norm_epsilon=1e-6, initializer_factor=1.0, is_encoder_decoder=True,
     pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
-    # transformers 5 ties input and output embeddings unless told otherwise; Flan-T5 does not
-    # (tied: 60.5M parameters instead of the real 76,961,152).
+    # transformers 5 ties input and output embeddings unless told otherwise; Flan-T5 and mT5
+    # do not (tied: 60.5M parameters instead of Flan-T5-small's real 76,961,152).
     tie_word_embeddings=False,
+)
+_BART_COMMON = dict(
+    vocab_size=32128, pad_token_id=0, eos_token_id=1, bos_token_id=0, decoder_start_token_id=0,
+    forced_eos_token_id=None, dropout=0.1, attention_dropout=0.0, activation_dropout=0.0,
 )
 
 
@@ -60,8 +86,10 @@ def _untie_lm_head(model: nn.Module) -> None:
     model.lm_head.weight = nn.Parameter(torch.randn_like(model.lm_head.weight) * std)
 
 
-def preset_config(name: str) -> T5Config:
-    return T5Config(**_COMMON, **PRESETS[name])
+def preset_config(name: str) -> PretrainedConfig:
+    if name.startswith("bart"):
+        return BartConfig(**_BART_COMMON, **PRESETS[name])
+    return (MT5Config if name.startswith("mt5") else T5Config)(**_T5_COMMON, **PRESETS[name])
 
 
 def default_tokenizer_for(model: str) -> str:
@@ -147,8 +175,10 @@ def load_model(name: str) -> nn.Module:
     if name in PRESETS:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(PRESET_INIT_SEED)
-            model = AutoModelForSeq2SeqLM.from_config(preset_config(name))
-            _untie_lm_head(model)
+            config = preset_config(name)
+            model = AutoModelForSeq2SeqLM.from_config(config)
+            if isinstance(config, (T5Config, MT5Config)):
+                _untie_lm_head(model)
         return model.eval()
     path = Path(name)
     if path.is_dir():
@@ -176,9 +206,10 @@ def set_dropout(model: nn.Module, rate: float) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = rate
-        if isinstance(getattr(module, "dropout", None), float):
-            module.dropout = rate
-    for key in ("dropout_rate", "dropout", "attention_dropout"):
+        for key in ("dropout", "activation_dropout"):  # BART's layers apply both functionally
+            if isinstance(getattr(module, key, None), float):
+                setattr(module, key, rate)
+    for key in ("dropout_rate", "dropout", "attention_dropout", "activation_dropout"):
         if isinstance(getattr(model.config, key, None), float):
             setattr(model.config, key, rate)
 

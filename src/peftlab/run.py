@@ -202,10 +202,25 @@ def pack_key(cfg: RunConfig) -> str:
                        if k not in PACK_FREE_KEYS}, sort_keys=True)
 
 
-def packable(cfg: RunConfig) -> bool:
-    """Can this run train in a pack with others (its method has a routed form)?"""
+def unpackable_because(cfg: RunConfig) -> str | None:
+    """Why this run cannot train in a pack with others; None where it can."""
+    from peftlab.families import family
+
     method = get_method(cfg.method)
-    return not isinstance(method, Baseline) and method.trains and method.route is not None
+    if isinstance(method, Baseline) or not method.trains:
+        return f"method `{method.name}` does not train"
+    if method.route is None:
+        return f"method `{method.name}` has no routed form (peftlab.pack)"
+    if family(cfg.model) == "bart" and cfg.dropout != 0:
+        # BART applies its dropout with torch's global generator inside its layers, where a
+        # member's own masks (peftlab.dropout) cannot reach: members would not be their runs
+        return "BART's dropout is drawn inside its layers, not per member: set `dropout: 0`"
+    return None
+
+
+def packable(cfg: RunConfig) -> bool:
+    """Can this run train in a pack with others?"""
+    return unpackable_because(cfg) is None
 
 
 def setup_pack(cfgs: list[RunConfig], for_inference: bool = False, pack: bool = True,
@@ -221,10 +236,8 @@ def setup_pack(cfgs: list[RunConfig], for_inference: bool = False, pack: bool = 
     if isinstance(method, Baseline) and method.task_kind != task.kind:
         raise PeftlabError(f"baseline `{method.name}` is for {method.task_kind} tasks; "
                            f"task `{task.name}` is {task.kind}")
-    if len(cfgs) > 1 and (not method.trains or method.route is None):
-        raise PeftlabError(f"method `{method.name}` cannot be packed: "
-                           + ("it does not train" if not method.trains
-                              else "it has no routed form (peftlab.pack)"))
+    if len(cfgs) > 1 and (reason := unpackable_because(first)) is not None:
+        raise PeftlabError(f"these runs cannot be packed: {reason}")
     setups = [Setup(cfg, task, prepare_splits(task, cfg.train_size, cfg.val_size, cfg.test_size,
                                               cfg.seed) if data else None, method, member=m)
               for m, cfg in enumerate(cfgs)]

@@ -80,10 +80,29 @@ class Method:
     # route(model, stacks, router). None: the method cannot be packed (full fine-tuning shares
     # nothing; other peft adapters have no routed form here).
     route: Callable[[nn.Module, dict, object], None] | None = None
+    # Model families (peftlab.families) whose defaults differ from `Args`'s (T5's): family ->
+    # {setting: default}, applied at config time under what the config sets.
+    family_defaults: dict[str, dict] = field(default_factory=dict)
+    # The families the method supports; None: any model its code (peft's) supports.
+    families: tuple[str, ...] | None = None
 
     @property
     def trains(self) -> bool:
         return self.default_learning_rate is not None
+
+    def defaults_for(self, family: str | None) -> dict:
+        """The settings a config leaves out, on a model of this family."""
+        return dict(self.family_defaults.get(family, {})) if family else {}
+
+    def check_family(self, family: str | None, model: str) -> None:
+        """A clear error where the method cannot adapt this family's models."""
+        if self.families is not None and family is not None and family not in self.families:
+            from peftlab.families import model_type
+
+            raise ConfigError(
+                f"`method`: {self.name} supports {' and '.join(self.families)} models; `model` "
+                f"{model} is a {model_type(model)} model (peftlab.families lists the families)"
+            )
 
 
 @dataclass(frozen=True)

@@ -73,4 +73,7 @@ def route(model: nn.Module, stacks: dict[str, Stack], router: Router) -> None:
 
 METHOD = Method("ia3", Args, apply, default_learning_rate=3e-3, adds_parameters=True,
                 summary="(IA)^3 via peft: learned scales on k, v and feed-forward activations",
-                route=route)
+                route=route,
+                # peft's own defaults for BART: keys, values and the second feed-forward layer
+                family_defaults={"bart": {"target_modules": ["k_proj", "v_proj", "fc2"],
+                                          "feedforward_modules": ["fc2"]}})

@@ -1,4 +1,5 @@
-"""LoRA (Hu et al. 2021) via peft. Defaults r=8, alpha=16 on q and v: the seed study's settings."""
+"""LoRA (Hu et al. 2021) via peft. Defaults r=8, alpha=16 on the query and value projections
+(T5's `q`, `v`; BART's `q_proj`, `v_proj`): the seed study's settings."""
 
 from __future__ import annotations
 
@@ -29,4 +30,5 @@ def apply(model: nn.Module, args: Args, ctx: MethodContext, for_inference: bool)
 
 METHOD = Method("lora", Args, apply, default_learning_rate=1e-3, adds_parameters=True,
                 summary="LoRA via peft: low-rank updates of the target projections",
-                route=routed_model)  # peft's LoRA layers, their A and B routed per row
+                route=routed_model,  # peft's LoRA layers, their A and B routed per row
+                family_defaults={"bart": {"target_modules": ["q_proj", "v_proj"]}})

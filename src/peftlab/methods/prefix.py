@@ -1,4 +1,4 @@
-"""Prefix tuning (Li & Liang 2021) for T5-style encoder-decoders, written here.
+"""Prefix tuning (Li & Liang 2021) for T5 and BART encoder-decoders, written here.
 
 Why not peft: in peft 0.21 a T5 model's prefixes reach only the decoder self-attention (they
 travel as a KV cache, which the encoder and cross-attention never read), and the default
@@ -9,7 +9,8 @@ self-attention and decoder cross-attention. That is what this module does.
 How: a custom attention function (transformers' AttentionInterface) prepends each attention
 module's prefix keys and values right before the scores are computed, after any KV-cache
 update, so the cache holds only real tokens and generation with a cache stays correct. The
-prefix positions get no relative-position bias and are never masked.
+prefix positions get no relative-position bias (T5) and are never masked. T5's and BART's
+attention modules differ only in names (`q`/`q_proj`, `n_heads`/`num_heads`), read below.
 
 Training can use Li & Liang's MLP reparameterisation (a small embedding through a 2-layer
 tanh MLP); `export_state` folds it into plain prefixes, which is what is saved, counted and
@@ -27,7 +28,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-from transformers.models.t5.modeling_t5 import T5Attention
 
 from peftlab.dropout import attention_forward
 from peftlab.methods.base import Method, MethodContext, freeze, load_named_state
@@ -81,19 +81,43 @@ AttentionInterface.register(ATTN_NAME, prefixed_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
 
 
-def attention_modules(model: nn.Module) -> dict[str, list[T5Attention]]:
-    """Every T5 attention module of the model by kind, in layer order."""
-    out: dict[str, list[T5Attention]] = {k: [] for k in KINDS}
-    for stack_name, stack in (("encoder", model.encoder), ("decoder", model.decoder)):
-        for block in stack.block:
-            for layer in block.layer:
-                if hasattr(layer, "SelfAttention"):
-                    out["encoder" if stack_name == "encoder" else "decoder_self"].append(
-                        layer.SelfAttention
-                    )
-                if hasattr(layer, "EncDecAttention"):
-                    out["decoder_cross"].append(layer.EncDecAttention)
+# An attention module by family: its key and value projections and head count attributes.
+_T5_STYLE = ("k", "v", "n_heads", "key_value_proj_dim")
+_BART_STYLE = ("k_proj", "v_proj", "num_heads", "head_dim")
+_CROSS = ("EncDecAttention", "encoder_attn")  # T5's, BART's decoder cross-attention
+
+
+def _style(module: nn.Module) -> tuple[str, ...] | None:
+    for style in (_T5_STYLE, _BART_STYLE):
+        if all(hasattr(module, a) for a in style) and "Attention" in type(module).__name__:
+            return style
+    return None
+
+
+def attention_modules(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """Every attention module of the model by kind, in layer order: T5's (T5, mT5) and
+    BART's."""
+    out: dict[str, list[nn.Module]] = {k: [] for k in KINDS}
+    for stack, kind in ((model.get_encoder(), "encoder"), (model.get_decoder(), "decoder")):
+        for name, module in stack.named_modules():
+            if _style(module) is None:
+                continue
+            if kind == "encoder":
+                out["encoder"].append(module)
+            else:
+                out["decoder_cross" if name.endswith(_CROSS) else "decoder_self"].append(module)
     return out
+
+
+def geometry(attn: nn.Module) -> tuple[int, int]:
+    """(heads, key/value width per head)."""
+    style = _style(attn)
+    return getattr(attn, style[2]), getattr(attn, style[3])
+
+
+def key_value_projections(attn: nn.Module) -> tuple[nn.Module, nn.Module]:
+    style = _style(attn)
+    return getattr(attn, style[0]), getattr(attn, style[1])
 
 
 class PrefixStore(nn.Module):
@@ -214,7 +238,7 @@ def _vocab_init(model: nn.Module, store: PrefixStore, modules: dict[str, list],
     hooks = []
     for kind in store.layers:
         for attn in modules[kind]:
-            for proj in (attn.k, attn.v):
+            for proj in key_value_projections(attn):
                 hooks.append(proj.register_forward_hook(
                     lambda m, i, o: captured.__setitem__(id(m), o.detach())))
     with torch.no_grad():
@@ -224,22 +248,22 @@ def _vocab_init(model: nn.Module, store: PrefixStore, modules: dict[str, list],
     with torch.no_grad():
         for kind in store.layers:
             for layer, attn in enumerate(modules[kind]):
-                for j, proj in enumerate((attn.k, attn.v)):
+                for j, proj in enumerate(key_value_projections(attn)):
                     act = captured[id(proj)][0]  # (N, heads * d_kv)
                     store.prefixes[kind][layer, j] = act.view(store.n, store.heads, store.d_kv) \
                         .transpose(0, 1)
 
 
 def apply(model: nn.Module, args: Args, ctx: MethodContext, for_inference: bool) -> nn.Module:
-    if not hasattr(model, "encoder") or not hasattr(model, "decoder"):
-        raise ValueError("prefix: needs an encoder-decoder model with T5 attention")
+    if not hasattr(model, "get_encoder") or not hasattr(model, "get_decoder"):
+        raise ValueError("prefix: needs an encoder-decoder model (T5, mT5, BART)")
     freeze(model)
     modules = {k: v for k, v in attention_modules(model).items() if k in args.kinds and v}
     if not modules:
-        raise ValueError("prefix: the model has no T5 attention modules")
-    first = next(iter(modules.values()))[0]
+        raise ValueError("prefix: the model has no T5 or BART attention modules")
+    heads, d_kv = geometry(next(iter(modules.values()))[0])
     store = PrefixStore(
-        {k: len(v) for k, v in modules.items()}, first.n_heads, first.key_value_proj_dim,
+        {k: len(v) for k, v in modules.items()}, heads, d_kv,
         model.config.d_model, args, plain=for_inference or not args.reparameterize,
     )
     if args.init == "vocab" and not for_inference:
@@ -248,8 +272,8 @@ def apply(model: nn.Module, args: Args, ctx: MethodContext, for_inference: bool)
     for kind, attns in modules.items():
         for layer, attn in enumerate(attns):
             attn.peftlab_prefix = functools.partial(store.get, kind, layer)
-    model.encoder.register_forward_pre_hook(store.refresh_encoder)
-    model.decoder.register_forward_pre_hook(store.refresh_decoder)
+    model.get_encoder().register_forward_pre_hook(store.refresh_encoder)
+    model.get_decoder().register_forward_pre_hook(store.refresh_decoder)
     model.set_attn_implementation(ATTN_NAME)
     return model
 
@@ -275,4 +299,5 @@ def route(model: nn.Module, stacks: dict[str, Stack], router: Router) -> None:
 
 METHOD = Method("prefix", Args, apply, default_learning_rate=5e-3, adds_parameters=True,
                 summary="prefix tuning (Li & Liang): learned key/value prefixes in every attention",
-                export_state=export_state, load_state=load_state, route=route)
+                export_state=export_state, load_state=load_state, route=route,
+                families=("t5", "bart"))
