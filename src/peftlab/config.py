@@ -84,10 +84,10 @@ class RunConfig(BaseModel):
         "the thread count changes floating-point sums (results would depend on how many runs "
         "share the machine). None: every CPU for `peftlab train`; 1 per run in a study"
     )
-    log_to: list[Literal["tensorboard"]] = Field(
+    log_to: list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(
         default_factory=list, description="experiment trackers that also get the config, "
-        "every metrics row and the summary (an optional extra each: pip install "
-        "'peftlab[tensorboard]')"
+        "every metrics row and the summary, in the run folder (trackio: in its own store); "
+        "an optional extra each: pip install 'peftlab[tensorboard]' (or mlflow, wandb, trackio)"
     )
     output_dir: str = "runs/run"
 

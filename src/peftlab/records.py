@@ -21,6 +21,8 @@ from peftlab.errors import PeftlabError
 
 CONFIG, METRICS, SUMMARY, ADAPTER = "config.yaml", "metrics.jsonl", "summary.json", "adapter.safetensors"
 TENSORBOARD = "tensorboard"  # log_to: tensorboard writes its event files here
+# log_to: mlflow's store and wandb's offline run, whole folders of the tracker's own
+TRACKER_FOLDERS = {"mlflow": "mlflow", "wandb": "wandb"}
 CELL_FILE = "study_cell.json"  # a study's labels for the run: the report reads them
 PREDICTIONS = "predictions/test.jsonl"
 EVAL_FILES = tuple(f"eval/{split}.{ext}" for split in ("test", "validation")
@@ -138,6 +140,9 @@ def remove_run_files(folder: Path) -> None:
         return
     for path in files:
         path.unlink(missing_ok=True)
+    for name in TRACKER_FOLDERS.values():  # a tracker's own folder (peftlab.trackers), whole
+        if (folder / name).is_dir():
+            shutil.rmtree(folder / name)
     for sub in (*sorted((folder / CHECKPOINTS).glob("step-*")), folder / CHECKPOINTS,
                 folder / "predictions", folder / "eval", folder / TENSORBOARD):
         if sub.is_dir() and not any(sub.iterdir()):

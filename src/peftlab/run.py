@@ -434,16 +434,19 @@ class _Record:
         save_checkpoint(self.out, ckpt)
 
 
-def _trackers(cfg: RunConfig, resume: Checkpoint | None) -> list[Any]:
-    """The run's `log_to` trackers, given its study cell's labels where it has them."""
+def _trackers(cfg: RunConfig, resume: Checkpoint | None, kept_rows: list[dict[str, Any]]
+              ) -> list[Any]:
+    """The run's `log_to` trackers, given its study cell's labels where it has them (and the
+    study, its folder's name)."""
     if not cfg.log_to:
         return []
     from peftlab.trackers import open_trackers
 
     cell = Path(cfg.output_dir) / CELL_FILE
-    labels = read_json(cell) if cell.is_file() else None
+    labels = {"study": Path(cfg.output_dir).parent.name, **read_json(cell)} \
+        if cell.is_file() else None
     return open_trackers(cfg.log_to, Path(cfg.output_dir), cfg.model_dump(), labels,
-                         resume.step if resume else None)
+                         resume.step if resume else None, kept_rows)
 
 
 def _run_held(cfgs: list[RunConfig], setups: list[Setup], started: float, memory: PeakMemory,
@@ -452,7 +455,7 @@ def _run_held(cfgs: list[RunConfig], setups: list[Setup], started: float, memory
     for cfg, s in zip(cfgs, setups):
         resume, rows, notes = prepare_output(cfg, overwrite)
         write_yaml(Path(cfg.output_dir) / CONFIG, cfg.model_dump())
-        records.append(_Record(cfg, s, resume, rows, notes, _trackers(cfg, resume)))
+        records.append(_Record(cfg, s, resume, rows, notes, _trackers(cfg, resume, rows)))
     setup_s = time.perf_counter() - started
     s0 = setups[0]
     counts = parameter_counts(s0)  # before training: prefix tuning's MLP folds away after it

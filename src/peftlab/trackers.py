@@ -2,24 +2,38 @@
 
 The run folder stays the record (the report reads only it); a tracker gets a copy: the
 resolved config, every metrics row as it is written, the summary at the end, and in a study
-the cell's labels. Each tracker is an optional extra, imported only when a run asks for it.
+the cell's labels. Each tracker is an optional extra, imported only when a run asks for it,
+and each writes inside the run folder only:
 
-TensorBoard: event files in `OUTPUT_DIR/tensorboard` (`tensorboard --logdir studies/NAME`
-shows every run of a study). A resumed run purges the events logged after its checkpoint,
-as it drops those metrics rows.
+    tensorboard  OUTPUT_DIR/tensorboard  event files (`tensorboard --logdir studies/NAME`)
+    mlflow       OUTPUT_DIR/mlflow       a SQLite MLflow store (`mlflow ui --backend-store-uri
+                                         sqlite:///OUTPUT_DIR/mlflow/mlflow-ID.db`)
+    wandb        OUTPUT_DIR/wandb        a W&B offline run (`wandb sync OUTPUT_DIR/wandb/offline-run-*`)
+    trackio      trackio's own store     TRACKIO_DIR (trackio's default: ~/.cache/huggingface/
+                                         trackio), where its dashboard reads (`trackio show`):
+                                         one store per machine, chosen by asking for trackio
+
+Trackio has no per-run location: its store is a process-wide setting read at import. Each run
+logs as `FOLDER-HASH` (the run folder's name and a hash of its path), so that the record
+peftlab replaces on a resume is always its own.
+
+A resumed run's tracker record must not keep what was logged after the checkpoint (the run
+drops those metrics rows too). TensorBoard purges them itself; MLflow and W&B cannot delete
+logged steps, so their folder is started again and the kept rows are logged anew.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
 from peftlab.errors import ConfigError
-from peftlab.records import TENSORBOARD
+from peftlab.records import TENSORBOARD, TRACKER_FOLDERS
 
-TRACKERS = ("tensorboard",)
-EXTRA = {"tensorboard": "tensorboard"}
+TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")
+PACKAGE = {name: name for name in TRACKERS}  # what to import
 
 
 class Tracker(Protocol):
@@ -29,13 +43,39 @@ class Tracker(Protocol):
 
 def check_available(names: list[str]) -> None:
     """At config time: a tracker whose package is missing names the extra to install."""
+    import importlib
+    import os
+
+    if "mlflow" in names:
+        # MLflow's telemetry (read at import) writes an installation id into the user's home
+        # and sends usage events: neither is part of logging a run (a user's setting wins)
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     for name in names:
         try:
-            if name == "tensorboard":
-                import tensorboard  # noqa: F401
+            importlib.import_module(PACKAGE[name])
         except ImportError:
             raise ConfigError(f"`log_to: {name}` needs its package: pip install "
-                              f"'peftlab[{EXTRA[name]}]'") from None
+                              f"'peftlab[{name}]'") from None
+
+
+def _scalars(row: dict[str, Any]) -> dict[str, float]:
+    """A metrics row's numbers (not the step; None and flags left out)."""
+    return {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, int | float)
+            and not isinstance(v, bool)}
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.dumps(value) if not isinstance(value, str) else value
+    return out
+
+
+def _public(summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in summary.items() if k != "versions"}
 
 
 class TensorBoard:
@@ -54,9 +94,7 @@ class TensorBoard:
 
     def row(self, row: dict[str, Any]) -> None:
         step = row["step"]
-        for key, value in row.items():
-            if key == "step" or not isinstance(value, int | float) or isinstance(value, bool):
-                continue
+        for key, value in _scalars(row).items():
             name = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
             self.writer.add_scalar(name, value, step)
         self.writer.flush()
@@ -64,8 +102,7 @@ class TensorBoard:
     def finish(self, summary: dict[str, Any]) -> None:
         for key, value in (summary.get("test_metrics") or {}).items():
             self.writer.add_scalar(f"test/{key}", value, summary.get("best_step", 0))
-        self.writer.add_text("summary", _code({k: v for k, v in summary.items()
-                                               if k not in ("versions",)}))
+        self.writer.add_text("summary", _code(_public(summary)))
         self.writer.close()
 
 
@@ -73,11 +110,180 @@ def _code(value: Any) -> str:
     return "```\n" + json.dumps(value, indent=2, default=str) + "\n```"
 
 
+class MLflow:
+    """One MLflow run in a SQLite store in the run folder (`mlflow/mlflow-ID.db`, artifacts in
+    `mlflow/artifacts`; MLflow 3 refuses its old file store unless told otherwise): the config
+    as params, a study cell's labels as tags, metrics by step (`val_*` as logged, test metrics
+    as `test_*` at the selected step), the summary as an artifact. Through `MlflowClient`, so
+    that a pack's members log at once without MLflow's process-wide active run."""
+
+    def __init__(self, folder: Path, config: dict[str, Any], labels: dict[str, Any] | None,
+                 run_name: str):
+        import logging
+        import uuid
+
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        folder.mkdir(parents=True)
+        # creating a store logs its table migrations at INFO, for every run of a study
+        for name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        # A new file name for each new store: MLflow keeps an engine per database URI for the
+        # process's life, and one opened on a store since deleted (a resumed or overwritten
+        # run starts its store again) would write to the deleted file.
+        database = folder.resolve() / f"mlflow-{uuid.uuid4().hex[:8]}.db"
+        self.client = MlflowClient(tracking_uri=f"sqlite:///{database}")
+        experiment_id = self.client.create_experiment(
+            str((labels or {}).get("study", "peftlab")),
+            artifact_location=(folder.resolve() / "artifacts").as_uri())  # not the CWD's
+        tags = {f"peftlab.{k}": str(v) for k, v in (labels or {}).items()}
+        self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags) \
+            .info.run_id
+        params = [Param(k, v[:6000]) for k, v in _flat(config).items()]
+        for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
+            self.client.log_batch(self.run_id, params=params[i:i + 100])
+
+    def _metrics(self, values: dict[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step)
+                                                    for k, v in values.items()])
+
+    def row(self, row: dict[str, Any]) -> None:
+        self._metrics(_scalars(row), row["step"])
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        test = {f"test_{k}": v for k, v in _scalars(summary.get("test_metrics") or {}).items()}
+        if test:
+            self._metrics(test, summary.get("best_step") or 0)
+        self.client.log_dict(self.run_id, _public(summary), "summary.json")
+        failed = summary.get("status") not in ("completed", "stopped_early")
+        self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
+
+
+# wandb's process-wide service keeps its own logs and caches in the user's home unless told
+# where: there, in the folder of the run that started it (while a user's own setting wins)
+_WANDB_SERVICE_DIRS = ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR",
+                       "WANDB_ARTIFACT_DIR")
+_wandb_runs_open = 0
+_wandb_dirs_ours: set[str] = set()
+
+
+class WandB:
+    """A W&B run in offline mode in the run folder (synced later with `wandb sync`): the
+    config, a study's name as its group and the cell's labels as tags, every metrics row at
+    its step, the test metrics and the summary in the run summary. Each run its own
+    (`reinit=create_new`): a pack's members log at once. The service wandb starts for a
+    process writes its logs in `wandb/service` of the run that started it, and stops when the
+    process's last run finishes, so that the next run's starts in its own folder."""
+
+    def __init__(self, folder: Path, config: dict[str, Any], labels: dict[str, Any] | None,
+                 run_name: str):
+        import os
+
+        import wandb
+
+        global _wandb_runs_open
+        folder.mkdir(parents=True)
+        if _wandb_runs_open == 0:
+            for key in _WANDB_SERVICE_DIRS:
+                if key not in os.environ or key in _wandb_dirs_ours:
+                    os.environ[key] = str(folder.resolve() / "service")
+                    _wandb_dirs_ours.add(key)
+        labels = labels or {}
+        self.run = wandb.init(
+            mode="offline", dir=str(folder), project=str(labels.get("study", "peftlab")),
+            name=run_name, config=config, reinit="create_new",
+            group=str(labels["study"]) if "study" in labels else None,
+            tags=[f"{k}={v}"[:64] for k, v in labels.items() if k != "study"],
+            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True,
+                                    x_save_requirements=False),
+        )
+        _wandb_runs_open += 1
+
+    def row(self, row: dict[str, Any]) -> None:
+        self.run.log(_scalars(row), step=row["step"])
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        import wandb
+
+        global _wandb_runs_open
+        for key, value in _scalars(summary.get("test_metrics") or {}).items():
+            self.run.summary[f"test_{key}"] = value
+        for key in ("status", "best_step", "steps_done", "trainable_params"):
+            if key in summary:
+                self.run.summary[key] = summary[key]
+        self.run.finish(exit_code=0 if summary.get("status") in ("completed", "stopped_early")
+                        else 1)
+        _wandb_runs_open -= 1
+        if _wandb_runs_open == 0:
+            wandb.teardown()
+
+
+class Trackio:
+    """A trackio run in trackio's local store: project = the study (or `peftlab`), group = the
+    study, config with the cell's labels under `labels`, every metrics row at its step, the
+    test metrics at the selected step. Its messages (printed) are kept out of the study's
+    output; its CPU sampling is off (not part of a run's record)."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], labels: dict[str, Any] | None,
+                 kept_rows: list[dict[str, Any]]):
+        import contextlib
+        import hashlib
+        import io
+
+        import trackio
+        from trackio.sqlite_storage import SQLiteStorage
+
+        labels = labels or {}
+        self.project = str(labels.get("study", "peftlab"))
+        digest = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:8]
+        self.name = f"{run_dir.name}-{digest}"
+        SQLiteStorage.delete_run(self.project, self.name)  # ours: started again
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.run = trackio.init(
+                project=self.project, name=self.name, config={**config, "labels": labels},
+                group=str(labels["study"]) if "study" in labels else None,
+                auto_log_cpu=False, auto_log_gpu=False, embed=False)
+        for row in kept_rows:
+            self.row(row)
+
+    def row(self, row: dict[str, Any]) -> None:
+        self.run.log(_scalars(row), step=row["step"])
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        import contextlib
+        import io
+
+        test = {f"test_{k}": v for k, v in _scalars(summary.get("test_metrics") or {}).items()}
+        if test:
+            self.run.log(test, step=summary.get("best_step") or 0)
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.run.finish()
+
+
 def open_trackers(names: list[str], run_dir: Path, config: dict[str, Any],
-                  labels: dict[str, Any] | None, resume_step: int | None) -> list[Tracker]:
+                  labels: dict[str, Any] | None, resume_step: int | None,
+                  kept_rows: list[dict[str, Any]]) -> list[Tracker]:
+    """The run's trackers, each holding what the run's files hold: `kept_rows` (the metrics
+    rows a resumed run keeps) logged anew where a tracker cannot purge later steps."""
     check_available(names)
     out: list[Tracker] = []
     for name in names:
         if name == "tensorboard":
             out.append(TensorBoard(run_dir / TENSORBOARD, config, labels, resume_step))
+            continue
+        if name == "trackio":
+            out.append(Trackio(run_dir, config, labels, kept_rows))
+            continue
+        folder = run_dir / TRACKER_FOLDERS[name]
+        shutil.rmtree(folder, ignore_errors=True)  # ours: started again, then the kept rows
+        tracker = (MLflow if name == "mlflow" else WandB)(folder, config, labels, run_dir.name)
+        for row in kept_rows:
+            tracker.row(row)
+        out.append(tracker)
     return out
