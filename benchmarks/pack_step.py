@@ -5,9 +5,11 @@ batches (8 examples per member), fp32, dropout as in training.
     PEFTLAB_DATA_DIR=../shared/data .venv/bin/python benchmarks/pack_step.py \\
         --methods lora,prompt,prefix,ia3,ln --members 1,4,8 --steps 6
 
-Both sides run what training runs (`step_gradients` with each member's dropout masks), each
+Every side runs what training runs (`step_gradients` with each member's dropout masks), each
 member's gradient clipping and AdamW step; the figure is the median step time of each (first
-step untimed), in one process, sides alternating.
+step untimed), in one process, sides alternating. The packed step runs twice: in length chunks
+(training's way: `peftlab.pack.length_chunks` at the device's `CHUNK_COST`) and as one batch
+of every member's rows (`chunk_cost` infinite: every row padded to the longest).
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def batches(members: int, steps: int) -> list[list[dict]]:
 
 
 @flushed_denormals()
-def measure(name: str, members: int, steps: int, model: str = MODEL) -> tuple[float, float]:
+def measure(name: str, members: int, steps: int, model: str = MODEL
+            ) -> tuple[float, float, float]:
     method = METHODS[name]
     args, ctx = method.Args(), MethodContext(default_tokenizer_for(model), steps)
     data = batches(members, steps)
@@ -59,17 +62,19 @@ def measure(name: str, members: int, steps: int, model: str = MODEL) -> tuple[fl
          method.route)  # a run alone: a pack of one
     alone_params = [p for _, p in alone.peftlab_pack.parameters(0)]
     alone_opt = torch.optim.AdamW(alone_params, lr=1e-3, fused=True)
-    packed, sequential = [], []
+    packed, one_batch, sequential = [], [], []
     for step in range(steps):
-        began = time.perf_counter()
-        with member_dropout(pack.model, pack_masks):
-            step_gradients(pack, [[b[step]] for b in data], torch.device("cpu"), False, 0,
-                           pack_masks)
-        for m, opt in enumerate(pack_opts):
-            torch.nn.utils.clip_grad_norm_([p for _, p in pack.parameters(m)], 1.0, foreach=True)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        packed.append(time.perf_counter() - began)
+        for chunk_cost, times in ((None, packed), (float("inf"), one_batch)):
+            began = time.perf_counter()
+            with member_dropout(pack.model, pack_masks):
+                step_gradients(pack, [[b[step]] for b in data], torch.device("cpu"), False, 0,
+                               pack_masks, chunk_cost=chunk_cost)
+            for m, opt in enumerate(pack_opts):
+                torch.nn.utils.clip_grad_norm_([p for _, p in pack.parameters(m)], 1.0,
+                                               foreach=True)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - began)
         began = time.perf_counter()
         for m in range(members):  # the same work as P unpacked runs' steps
             with member_dropout(alone, alone_masks[m]):
@@ -79,7 +84,8 @@ def measure(name: str, members: int, steps: int, model: str = MODEL) -> tuple[fl
             alone_opt.step()
             alone_opt.zero_grad(set_to_none=True)
         sequential.append(time.perf_counter() - began)
-    return statistics.median(packed[1:]), statistics.median(sequential[1:])
+    return (statistics.median(packed[1:]), statistics.median(one_batch[1:]),
+            statistics.median(sequential[1:]))
 
 
 def main() -> None:
@@ -90,13 +96,14 @@ def main() -> None:
     parser.add_argument("--model", default=MODEL, help="a preset: flan-t5-small-random, t5-tiny")
     args = parser.parse_args()
     print(f"model {args.model}")
-    print(f"{'method':8s} {'P':>3s} {'packed s/step':>14s} {'one by one s':>13s} {'speedup':>8s} "
-          f"{'packed ex/s':>12s}")
+    print(f"{'method':8s} {'P':>3s} {'packed s/step':>14s} {'one batch s':>12s} "
+          f"{'one by one s':>13s} {'speedup':>8s} {'(one batch)':>12s} {'packed ex/s':>12s}")
     for name in args.methods.split(","):
         for members in (int(p) for p in args.members.split(",")):
-            packed, sequential = measure(name, members, args.steps, args.model)
-            print(f"{name:8s} {members:3d} {packed:14.3f} {sequential:13.3f} "
-                  f"{sequential / packed:7.2f}x {8 * members / packed:12.1f}", flush=True)
+            packed, one_batch, sequential = measure(name, members, args.steps, args.model)
+            print(f"{name:8s} {members:3d} {packed:14.3f} {one_batch:12.3f} {sequential:13.3f} "
+                  f"{sequential / packed:7.2f}x {sequential / one_batch:11.2f}x "
+                  f"{8 * members / packed:12.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -189,3 +189,69 @@ def test_decoder_inputs_are_the_models_own_shift():
     model = load_model("t5-tiny")
     labels = torch.tensor([[5, 6, 1, -100]])
     assert decoder_inputs(model, labels).tolist() == [[0, 5, 6, 1]]
+
+
+# --- length chunks ---------------------------------------------------------------------------
+
+def batch_of(lengths, label_length=2, width=None):
+    """A micro-batch whose rows have these encoder lengths (right-padded)."""
+    width = width or max(lengths)
+    ids = torch.zeros((len(lengths), width), dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = 5
+    labels = torch.full((len(lengths), label_length), 7)
+    return {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": labels}
+
+
+def test_rows_of_different_lengths_go_in_chunks_no_smaller_than_a_micro_batch():
+    from peftlab.pack import gather_rows, length_chunks
+
+    batches = [batch_of([60, 58, 61, 59]), batch_of([5, 6, 4, 5]), batch_of([7, 5, 6, 6])]
+    chunks = length_chunks(batches, chunk_cost=64)
+    assert sorted(r for chunk in chunks for r in chunk) == [(k, r) for k in range(3)
+                                                              for r in range(4)]
+    assert all(len(chunk) >= 4 and chunk == sorted(chunk) for chunk in chunks)
+    # the long member apart from the short ones: 12 rows x 63 positions -> 4 x 63 + 8 x 9
+    assert {frozenset(k for k, _ in chunk) for chunk in chunks} == {frozenset({0}),
+                                                                     frozenset({1, 2})}
+    batch, member_of_row, widths = gather_rows(batches, chunks[0], 0)
+    assert widths == {"encoder": 7, "decoder": 2} and batch["input_ids"].shape == (8, 7)
+    assert member_of_row.tolist() == [1, 1, 1, 1, 2, 2, 2, 2]
+    # a chunk costs more than the padding it saves: one chunk, every row in order
+    assert length_chunks(batches, chunk_cost=10**9) == [[(k, r) for k in range(3)
+                                                         for r in range(4)]]
+
+
+@pytest.mark.parametrize("name,args", [("lora", {}), ("prefix", {"num_prefix_tokens": 5}),
+                                       ("prompt", {"num_virtual_tokens": 5})])
+def test_a_step_in_length_chunks_equals_it_in_one_batch_dropout_included(name, args, tokenizer):
+    """The same gradients and losses, and each member's same dropout masks: drawn once for
+    its whole micro-batch at its own shape, each chunk taking its rows' part."""
+    from peftlab.dropout import MemberMasks, member_dropout
+    from peftlab.pack import length_chunks
+
+    task = build_task("sst2", {})
+    feats = tokenize(tokenizer, prepare_splits(task, 64, 8, 8, seed=0).train, 128, 4)
+    by_length = sorted(range(64), key=lambda i: len(feats.input_ids[i]))
+    # member 0 the shortest examples, member 2 the longest: chunks cut them apart
+    micro = [[collate(feats, by_length[24 * m:24 * m + 4], tokenizer.pad_token_id)]
+             for m in range(3)]
+    assert len(length_chunks([b[0] for b in micro], chunk_cost=0)) > 1
+    method = METHODS[name]
+    parsed = method.Args.model_validate(args)
+    ctx = MethodContext(str(TOKENIZER_DIR), 10)
+    base = load_model("t5-tiny")  # dropout 0.1 everywhere, as Flan-T5
+    states = [initial_state(method, parsed, ctx, base, seed) for seed in SEEDS]
+
+    def step(chunk_cost):
+        pack = Pack(method.apply(copy.deepcopy(base), parsed, ctx, False), states, method.route)
+        pack.model.train()
+        masks = MemberMasks(list(SEEDS), CPU)
+        with member_dropout(pack.model, masks):
+            losses = step_gradients(pack, micro, CPU, False, 0, masks, chunk_cost=chunk_cost)
+        return losses, [p.grad for m in range(3) for _, p in pack.parameters(m)]
+
+    one_losses, one_grads = step(10**9)
+    chunked_losses, chunked_grads = step(0)
+    assert chunked_losses == pytest.approx(one_losses, rel=1e-5)
+    assert all(close(a, b, 1e-5) for a, b in zip(chunked_grads, one_grads))

@@ -394,3 +394,8 @@ def test_a_group_larger_than_a_pack_is_split_evenly(tmp_path):
     for g in groups:
         assert len({(c.config.method, str(c.config.method_args)) for c in g}) == 1
     assert [len(g) for g in packs(cells, 1)] == [1] * len(cells)
+    # fewer packs than workers would leave workers idle: the largest are halved to fill them
+    lora = [c for c in cells if c.config.method == "lora"]
+    assert sorted(len(g) for g in packs(lora, 18)) == [9, 9]  # two sizes: two groups
+    assert sorted(len(g) for g in packs(lora, 18, slots=4)) == [4, 4, 5, 5]
+    assert sorted(len(g) for g in packs(lora[:2], 8, slots=4)) == [1, 1]  # no more to split

@@ -181,8 +181,7 @@ def run_study(study: str | Path | dict[str, Any] | None = None, *, preset: str |
     for message in plan.messages():
         warn(message)
     pack_size = pack or config.pack
-    groups = st.packs(plan.todo, pack_size)
-    n_workers = workers or st.default_workers(plan.todo, runs_per_gpu, len(groups))
+    n_workers = workers or st.default_workers(plan.todo, runs_per_gpu)
     if not calibrate:
         say(st.describe(cells, plan.todo, pack_size, n_workers))
     if dry_run:
@@ -198,6 +197,7 @@ def run_study(study: str | Path | dict[str, Any] | None = None, *, preset: str |
         say(st.describe(cells, st.plan(cells, retry_failed).todo, pack_size, n_workers))
         return Study(folder, outcome.counts, outcome.locked)
     if len(plan.todo) > 1 and backend == "local":
+        groups = st.packs(plan.todo, pack_size, slots=n_workers)
         in_packs = "" if len(groups) == len(plan.todo) else f" in {len(groups)} packs"
         say(f"{len(plan.todo)} runs{in_packs}, {n_workers} at a time")
     outcome = st.execute(plan.todo, n_workers, backend, address, runs_per_gpu,

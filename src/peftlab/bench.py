@@ -524,8 +524,8 @@ def measure_pack(method: str, shape: str, pack: int, n_runs: int, workers: int |
     task_name, src, tgt = SHAPES[shape]
     settings = {**PACK_CELL, **(cell or {})}
     cuda = gpu_count() > 0
-    groups = -(-n_runs // pack)
-    workers = workers or (1 if cuda else min(groups, os.cpu_count() or 1))
+    # on a CPU, a worker per CPU: packs are split to fill them (peftlab.study.packs)
+    workers = workers or (1 if cuda else min(n_runs, os.cpu_count() or 1))
     root = Path(tempfile.mkdtemp())
 
     def config(seed: int) -> Any:
@@ -559,7 +559,7 @@ def measure_pack(method: str, shape: str, pack: int, n_runs: int, workers: int |
     peak = measure_matmul(matmul_size)
     precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
     return {"method": method, "shape": shape, "pack": pack, "runs": n_runs, "workers": workers,
-            "packs": len(packs(cells, pack)), "seconds": seconds,
+            "packs": len(packs(cells, pack, slots=1 if cuda else workers)), "seconds": seconds,
             "runs_per_hour": 3600 * n_runs / seconds, "statuses": counts,
             "train_flops": flops, "peak_flops_per_s": peak[f"{precision}_flops_per_s"],
             "mfu": flops / seconds / peak[f"{precision}_flops_per_s"],
@@ -573,8 +573,8 @@ def measure_study(preset: str, pack: int, workers: int | None = None) -> dict[st
     study = load_study(preset=preset)
     cells = expand(study, Path(tempfile.mkdtemp()))
     todo = plan(cells).todo
-    groups = packs(todo, pack)
-    workers = workers or min(len(groups), os.cpu_count() or 1)
+    workers = workers or min(len(todo), os.cpu_count() or 1)
+    groups = packs(todo, pack, slots=workers)
     start = time.perf_counter()
     counts = execute(todo, workers=workers, progress=False, pack=pack).counts
     seconds = time.perf_counter() - start

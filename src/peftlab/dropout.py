@@ -43,24 +43,66 @@ def dropout_seed(seed: int) -> int:
 
 
 class MemberMasks:
-    """The members' dropout generators, and the rows of the batch going through the model:
-    `segments` (member, first row, end row, its own length of each side)."""
+    """The members' dropout generators, and the rows of the batch going through the model.
+
+    A micro-batch of each member (`start`) may go through the model in several chunks of
+    rows (`chunk`: rows of similar lengths from any members, peftlab.pack). A member draws
+    each dropout call's mask once, for its whole micro-batch at its own shape, in the order of
+    the calls, as it does alone; a chunk takes its rows' part of it, cut or padded at the end
+    of each length to the chunk's (past a row's own length is padding: nothing it computes
+    is read). With more than one chunk, the masks drawn are kept until the micro-batch ends.
+    """
 
     def __init__(self, seeds: list[int], device: torch.device):
         self.generators = [torch.Generator(device=device).manual_seed(dropout_seed(s))
                            for s in seeds]
-        self.segments: list[tuple[int, int, int, dict[str, int]]] = []
-        self.padded: dict[str, int] = {}
+        self.members: list[int] = []
+        self.own: list[tuple[int, dict[str, int]]] = []  # each part's rows and own lengths
+        self.kept: dict[tuple[int, int], torch.Tensor] | None = None
+        self.rows: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # part, its rows, where
+        self.whole = True  # the chunk is every row of every part, in order
+        self.widths: dict[str, int] = {}
+        self.call = 0
 
     def set_batch(self, batches: list[dict[str, torch.Tensor]], members: list[int]) -> None:
-        """The batch about to go through the model: these members' micro-batches, in order."""
-        self.segments, start = [], 0
-        for member, batch in zip(members, batches):
-            rows = len(batch["input_ids"])
-            own = {"encoder": batch["input_ids"].shape[1], "decoder": batch["labels"].shape[1]}
-            self.segments.append((member, start, start + rows, own))
-            start += rows
-        self.padded = {side: max(s[3][side] for s in self.segments) for side in SIDES}
+        """One chunk of every row of these members' micro-batches, in order."""
+        self.start(batches, members, chunks=1)
+        self.chunk([(k, r) for k, b in enumerate(batches) for r in range(len(b["input_ids"]))],
+                   {side: max(o[side] for _, o in self.own) for side in SIDES})
+
+    def start(self, batches: list[dict[str, torch.Tensor]], members: list[int],
+              chunks: int) -> None:
+        """A micro-batch of each of these members, going through the model in `chunks`."""
+        self.members = list(members)
+        self.own = [(len(b["input_ids"]), {"encoder": b["input_ids"].shape[1],
+                                           "decoder": b["labels"].shape[1]}) for b in batches]
+        self.kept = {} if chunks > 1 else None
+
+    def chunk(self, rows: list[tuple[int, int]], widths: dict[str, int]) -> None:
+        """The chunk about to go through the model: its rows as (part, row of the part), in
+        order, and its lengths of each side."""
+        device = self.generators[0].device
+        parts: dict[int, list[tuple[int, int]]] = {}
+        for position, (k, r) in enumerate(rows):
+            parts.setdefault(k, []).append((r, position))
+        self.rows = [(k, torch.tensor([r for r, _ in v], device=device),
+                      torch.tensor([pos for _, pos in v], device=device))
+                     for k, v in sorted(parts.items())]
+        self.whole = rows == [(k, r) for k, (n, _) in enumerate(self.own) for r in range(n)]
+        self.widths, self.call, self.total = dict(widths), 0, len(rows)
+
+    def _keep(self, k: int, shape: list[int], p: float) -> torch.Tensor:
+        """Part k's member's mask of this call, for its whole micro-batch (drawn once)."""
+        key = (k, self.call)
+        if self.kept is not None and key in self.kept:
+            return self.kept[key]
+        device = self.generators[0].device
+        # float32 draws whatever x's dtype: bf16 would round the uniform draw to 2^-8 steps
+        keep = torch.rand(shape, generator=self.generators[self.members[k]], device=device)
+        keep = keep >= p  # a bool: 4x less kept memory than the float draw
+        if self.kept is not None:
+            self.kept[key] = keep
+        return keep
 
     def apply(self, x: torch.Tensor, p: float, sides: tuple[str | None, ...]) -> torch.Tensor:
         """Dropout of `x`, whose dimension i + 1 is a length of side `sides[i]` (None: not a
@@ -70,24 +112,32 @@ class MemberMasks:
             return x
         if p >= 1:
             return x * 0
-        if not self.segments or self.segments[-1][2] != len(x):
+        if not self.rows or self.total != len(x):
             raise RuntimeError(f"dropout of {len(x)} rows, but the batch has "
-                               f"{self.segments[-1][2] if self.segments else 0}")
+                               f"{self.total if self.rows else 0}")
         sides = sides + (None,) * (x.dim() - 1 - len(sides))
-        masks = []
-        for member, start, end, own in self.segments:
-            shape = [end - start] + [size - (self.padded[side] - own[side]) if side else size
-                                     for size, side in zip(x.shape[1:], sides)]
+        pieces = []
+        for k, rows, _ in self.rows:
+            n, own = self.own[k]
+            shape = [n] + [size - (self.widths[side] - own[side]) if side else size
+                           for size, side in zip(x.shape[1:], sides)]
             if min(shape) <= 0:
                 raise RuntimeError(f"dropout of shape {tuple(x.shape)}: lengths {sides} do "
                                    "not match the batch")
-            # float32 draws whatever x's dtype: bf16 would round the uniform draw to 2^-8 steps
-            keep = torch.rand(shape, generator=self.generators[member], device=x.device)
-            keep = keep.ge_(p).mul_(1 / (1 - p))
+            keep = self._keep(k, shape, p)
+            if len(rows) != n:
+                keep = keep[rows]
             pad = [a for full, part in zip(reversed(x.shape[1:]), reversed(shape[1:]))
-                   for a in (0, full - part)]
-            masks.append(F.pad(keep, pad))
-        return x * (masks[0] if len(masks) == 1 else torch.cat(masks)).to(x.dtype)
+                   for a in (0, full - part)]  # negative: cut at the end
+            pieces.append(F.pad(keep, pad) if any(pad) else keep)
+        self.call += 1
+        if self.whole:
+            mask = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        else:
+            mask = x.new_zeros(x.shape, dtype=torch.bool)
+            for (_, _, positions), piece in zip(self.rows, pieces):
+                mask[positions] = piece
+        return x * mask.to(torch.float32).mul_(1 / (1 - p)).to(x.dtype)
 
 
 class MemberDropout(nn.Module):

@@ -250,23 +250,99 @@ def decoder_inputs(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
     return inner.prepare_decoder_input_ids_from_labels(labels=labels)
 
 
+# What one more chunk of a micro-batch costs, in row-tokens (a row of the batch times a
+# position of its padded length): each forward and backward has a fixed cost, larger on a GPU
+# (kernel launches) than on a CPU (where the matrix products dominate and padding is paid in
+# full). Chosen by measurement: docs/speed.md, "Length chunks".
+CHUNK_COST = {"cpu": 256, "cuda": 16384}
+
+
+def _lengths(batch: dict[str, torch.Tensor]) -> tuple[list[int], list[int]]:
+    """Each row's own encoder and decoder length (its last real position + 1)."""
+    def last(real: torch.Tensor) -> list[int]:
+        positions = torch.arange(1, real.shape[1] + 1)
+        return (real.cpu() * positions).amax(1).tolist()
+
+    return last(batch["attention_mask"] > 0), last(batch["labels"] != IGNORE_INDEX)
+
+
+def length_chunks(batches: list[dict[str, torch.Tensor]], chunk_cost: float
+                  ) -> list[list[tuple[int, int]]]:
+    """The rows of several members' micro-batches, (batch, row), in chunks of similar
+    lengths.
+
+    Concatenated as they are, every row is padded to the longest of all members' rows: a pack
+    of 4 SST-2 members computed 1.36x the positions its members compute alone (1.54x for 8),
+    and a CPU pays for every one. Rows sorted by length are cut into chunks (at multiples of
+    a micro-batch's size, so that no chunk is smaller than a run alone uses) where the
+    positions saved pay for the chunk's fixed cost; within a chunk, rows keep their order.
+    """
+    size = max(len(b["input_ids"]) for b in batches)
+    rows = []
+    for k, batch in enumerate(batches):
+        encoder, decoder = _lengths(batch)
+        rows += [(e, d, k, r) for r, (e, d) in enumerate(zip(encoder, decoder))]
+    rows.sort()
+    cuts = list(range(0, len(rows), size))[1:]
+    points = [0, *cuts, len(rows)]
+    best: list[tuple[float, int]] = [(0.0, 0)]  # cost of rows[:points[j]], previous point
+    for j in range(1, len(points)):
+        options = []
+        for i in range(j):
+            span = rows[points[i]:points[j]]
+            width = span[-1][0] + max(d for _, d, _, _ in span)
+            options.append((best[i][0] + len(span) * width + chunk_cost, i))
+        best.append(min(options))
+    chunks, j = [], len(points) - 1
+    while j > 0:
+        i = best[j][1]
+        chunks.append(sorted((k, r) for _, _, k, r in rows[points[i]:points[j]]))
+        j = i
+    return chunks[::-1]
+
+
+def gather_rows(batches: list[dict[str, torch.Tensor]], rows: list[tuple[int, int]],
+                pad_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, int]]:
+    """One batch of the given rows (in order), padded to their longest own lengths; each
+    row's batch; the batch's length of each side."""
+    lengths = [_lengths(b) for b in batches]
+    widths = {"encoder": max(lengths[k][0][r] for k, r in rows),
+              "decoder": max(lengths[k][1][r] for k, r in rows)}
+    picked: dict[int, list[int]] = {}
+    for k, r in rows:
+        picked.setdefault(k, []).append(r)
+
+    def take(key: str, width: int, value: int) -> torch.Tensor:
+        out = []
+        for k, rs in picked.items():
+            part = batches[k][key][rs][:, :width]
+            out.append(F.pad(part, (0, width - part.shape[1]), value=value))
+        return torch.cat(out)
+
+    batch = {"input_ids": take("input_ids", widths["encoder"], pad_id),
+             "attention_mask": take("attention_mask", widths["encoder"], 0),
+             "labels": take("labels", widths["decoder"], IGNORE_INDEX)}
+    member_of_row = torch.tensor([k for k, rs in picked.items() for _ in rs])
+    return batch, member_of_row, widths
+
+
 def step_gradients(pack: Pack, micro_batches: list[list[dict[str, torch.Tensor]]],
                    device: torch.device, bf16: bool, pad_id: int,
-                   masks: MemberMasks | None = None) -> list[float | None]:
+                   masks: MemberMasks | None = None, chunk_cost: float | None = None
+                   ) -> list[float | None]:
     """Backward over one optimizer step of every member at once; each member's step loss.
 
     `micro_batches[m]` is member m's micro-batches for the step (empty: the member does not
-    train any more, e.g. it diverged). Micro-batch i of every member is concatenated into one
-    batch. A member's loss is the mean over its step's target tokens, each micro-batch
+    train any more, e.g. it diverged). Micro-batch i of every member goes through the model
+    at once. A member's loss is the mean over its step's target tokens, each micro-batch
     weighted by its share of them, so that gradient accumulation gives the gradient of one
     batch holding them all (dividing each micro-batch's mean by their number instead weighted
     a token of a short micro-batch more: 18.8% off on two SAMSum micro-batches of 62 and 40
     tokens). The members' losses are summed for the backward: their tensors are disjoint, so
     each gets its own gradient. `masks`: the members' dropout (peftlab.dropout), told the
-    rows of each batch.
+    rows of each batch. In a pack, the rows of micro-batch i go through in chunks of
+    similar lengths (`length_chunks`; `chunk_cost` None: the device's `CHUNK_COST`).
     """
-    from peftlab.loop import autocast
-
     active = [m for m, batches in enumerate(micro_batches) if batches]
     totals = torch.zeros(pack.members, device=device)
     for m in active:
@@ -275,19 +351,40 @@ def step_gradients(pack: Pack, micro_batches: list[list[dict[str, torch.Tensor]]
     losses = torch.zeros(pack.members, device=device)
     with pack.training_step():
         for i in range(max(len(micro_batches[m]) for m in active)):
-            parts = [micro_batches[m][i] for m in active]
-            if masks is not None:  # each member's dropout at its own shapes
-                masks.set_batch(parts, active)
-            batch, member_of_row = concat_batches(parts, pad_id)
-            route = torch.tensor(active, device=device)[member_of_row.to(device)]
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with pack.router.routing(route), autocast(device, bf16):
-                logits = pack.model(input_ids=batch["input_ids"],
-                                    attention_mask=batch["attention_mask"],
-                                    decoder_input_ids=decoder_inputs(pack.model, batch["labels"])
-                                    ).logits
-            sums = member_token_losses(logits, batch["labels"], route, pack.members)
-            step = sums / totals
-            step.sum().backward()
-            losses += step.detach()
+            parts = [(m, micro_batches[m][i]) for m in active if i < len(micro_batches[m])]
+            members, batches = [m for m, _ in parts], [b for _, b in parts]
+            chunks = length_chunks(batches, chunk_cost if chunk_cost is not None
+                                   else CHUNK_COST.get(device.type, CHUNK_COST["cuda"])) \
+                if len(batches) > 1 else None
+            if chunks is None or len(chunks) == 1:  # every row, in order (a run alone)
+                if masks is not None:  # each member's dropout at its own shapes
+                    masks.set_batch(batches, members)
+                batch, member_of_row = concat_batches(batches, pad_id)
+                losses += _chunk_backward(pack, batch, member_of_row, members, totals,
+                                          device, bf16)
+                continue
+            if masks is not None:
+                masks.start(batches, members, chunks=len(chunks))
+            for rows in chunks:
+                batch, member_of_row, widths = gather_rows(batches, rows, pad_id)
+                if masks is not None:
+                    masks.chunk(rows, widths)
+                losses += _chunk_backward(pack, batch, member_of_row, members, totals,
+                                          device, bf16)
     return [float(losses[m]) if m in active else None for m in range(pack.members)]
+
+
+def _chunk_backward(pack: Pack, batch: dict[str, torch.Tensor], member_of_row: torch.Tensor,
+                    members: list[int], totals: torch.Tensor, device: torch.device,
+                    bf16: bool) -> torch.Tensor:
+    """Forward and backward of one batch of rows; each member's share of its step loss."""
+    from peftlab.loop import autocast
+
+    route = torch.tensor(members, device=device)[member_of_row.to(device)]
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with pack.router.routing(route), autocast(device, bf16):
+        logits = pack.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            decoder_input_ids=decoder_inputs(pack.model, batch["labels"])).logits
+    step = member_token_losses(logits, batch["labels"], route, pack.members) / totals
+    step.sum().backward()
+    return step.detach()

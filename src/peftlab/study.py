@@ -423,12 +423,14 @@ def _run_alone(cfg: RunConfig, labels: dict[str, Any], progress: bool) -> str:
         return _record_failure(run_dir, cfg, e)
 
 
-def packs(cells: list[Cell], size: int) -> list[list[Cell]]:
+def packs(cells: list[Cell], size: int, slots: int = 1) -> list[list[Cell]]:
     """The cells in packs of up to `size`: cells whose runs may train together (same task,
     model, method and size, schedule; any seed and learning rate) and whose method can be
     packed; every other cell alone. A group larger than `size` is split evenly (9 cells in
-    packs of up to 8: 5 and 4, not 8 and a run alone). In grid order (a pack where its first
-    cell is)."""
+    packs of up to 8: 5 and 4, not 8 and a run alone). Fewer packs than `slots` (workers)
+    would leave workers idle: the largest packs are halved until each has one (8 cells on 2
+    CPUs in packs of up to 8: two packs of 4, where one pack of 8 ran 1.2x slower on one CPU
+    with the other idle). In grid order (a pack where its first cell is)."""
     from peftlab.run import pack_key, packable
 
     groups: dict[str, list[Cell]] = {}
@@ -442,15 +444,21 @@ def packs(cells: list[Cell], size: int) -> list[list[Cell]]:
             groups[key] = []
             order.append(groups[key])
         groups[key].append(cell)
-    out = []
-    for group in order:
-        count = -(-len(group) // max(size, 1))
-        base, extra = divmod(len(group), count)
-        start = 0
-        for i in range(count):
-            end = start + base + (1 if i < extra else 0)
-            out.append(group[start:end])
-            start = end
+    out = [part for group in order for part in _even(group, -(-len(group) // max(size, 1)))]
+    while len(out) < slots and any(len(g) > 1 for g in out):
+        largest = max(range(len(out)), key=lambda i: len(out[i]))
+        out[largest:largest + 1] = _even(out[largest], 2)
+    return out
+
+
+def _even(group: list[Cell], count: int) -> list[list[Cell]]:
+    """`group` in `count` consecutive parts whose sizes differ by at most one."""
+    base, extra = divmod(len(group), count)
+    out, start = [], 0
+    for i in range(count):
+        end = start + base + (1 if i < extra else 0)
+        out.append(group[start:end])
+        start = end
     return out
 
 
@@ -499,15 +507,15 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def default_workers(cells: list[Cell], runs_per_gpu: int, groups: int | None = None) -> int:
-    """Runs (or packs: `groups` of them) at a time when --workers is not given: runs_per_gpu
-    per GPU; on CPU as many as the CPUs hold at the cells' own thread counts (1 each by
-    default in a study)."""
+def default_workers(cells: list[Cell], runs_per_gpu: int) -> int:
+    """Runs (or packs) at a time when --workers is not given: runs_per_gpu per GPU; on CPU as
+    many as the CPUs hold at the cells' own thread counts (1 each by default in a study), and
+    no more than there are cells (packs are split to fill the workers: `packs`)."""
     gpus = gpu_count()
     if gpus:
         return gpus * runs_per_gpu
     threads = max((c.config.cpu_threads or 1 for c in cells), default=1)
-    return max(1, min(groups or len(cells), (os.cpu_count() or 1) // threads))
+    return max(1, min(len(cells), (os.cpu_count() or 1) // threads))
 
 
 @dataclass
@@ -543,7 +551,7 @@ def execute(cells: list[Cell], workers: int = 1, backend: Literal["local", "ray"
         for cell, status in zip(group, statuses):
             done(cell, status)
 
-    groups = packs(cells, pack)
+    groups = packs(cells, pack, slots=workers if backend == "local" else 1)
     if backend == "ray":
         _execute_ray(groups, address, runs_per_gpu, finished)
     elif workers <= 1:
@@ -636,7 +644,7 @@ def describe(cells: list[Cell], todo: list[Cell], pack: int = 1, workers: int = 
     possible."""
     lines = [f"{len(cells)} runs ({len(todo)} to run, {len(cells) - len(todo)} finished)"]
     if pack > 1:
-        groups = packs(todo, pack)
+        groups = packs(todo, pack, slots=workers)
         packed = [g for g in groups if len(g) > 1]
         sizes = sorted({len(g) for g in packed}, reverse=True)
         lines.append(f"packs of up to {pack}: {sum(map(len, packed))} of the runs to run in "
