@@ -37,6 +37,7 @@ class Router:
         self.route: torch.Tensor | None = None
         self.by_member = False  # rows are the members themselves, in order (prefix MLPs)
         self.only: int | None = None  # every row is this member's (its evaluation)
+        self._segments: tuple[torch.Tensor, list[tuple[int, int]]] | None = None
 
     @property
     def member(self) -> int | None:
@@ -66,6 +67,29 @@ class Router:
         """Row m is member m's: a computation per member (the prefix MLP on its embedding),
         with no per-row copy of the weights."""
         return self._set("by_member", True)
+
+    def take(self, values: torch.Tensor, n: int) -> torch.Tensor:
+        """`values[member of row]` for each of `n` rows (`values`: a leading member dimension).
+
+        The rows of a batch come in runs of one member's (a member's micro-batch, its chunk
+        rows, its tiled evaluation copy): each run is its member's values expanded, so the
+        backward sums over the run, where a gather's backward (a scatter-add) made packed
+        prefix tuning on the Flan-T5-small geometry no faster than its members one by one."""
+        segments = self.segments(n)
+        if len(segments) > 2 * len(values):  # rows interleaved: a gather is cheaper
+            return values[self.rows(n)]
+        return torch.cat([values[m].expand(count, *values.shape[1:]) for m, count in segments])
+
+    def segments(self, n: int) -> list[tuple[int, int]]:
+        """The runs of rows of one member among `n` rows: (member, rows), in order."""
+        if self.route is None or n % len(self.route):
+            self.rows(n)  # raises: no route, or rows that cannot be routed
+        if self._segments is None or self._segments[0] is not self.route:
+            # once per route: `tolist` waits for a GPU, and every routed module asks
+            members, counts = torch.unique_consecutive(self.route, return_counts=True)
+            self._segments = (self.route, list(zip(members.tolist(), counts.tolist())))
+        factor = n // len(self.route)  # each row repeated `factor` times, in place
+        return [(m, count * factor) for m, count in self._segments[1]]
 
     def rows(self, n: int) -> torch.Tensor:
         """The member of each of `n` rows. A batch expanded row by row (`repeat_interleave`:
@@ -104,7 +128,7 @@ def per_row(stack: Stack, router: Router, n: int) -> torch.Tensor:
     """Each of `n` rows' tensor: `[n, *shape]` (a view for a pack of one)."""
     if router.member is not None:
         return stack.live[router.member].expand(n, *stack.live.shape[1:])
-    return stack.live[router.rows(n)]
+    return router.take(stack.live, n)
 
 
 class RoutedLinear(nn.Module):

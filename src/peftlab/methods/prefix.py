@@ -197,7 +197,7 @@ class PrefixStore(nn.Module):
         if len(kv) == 1:
             kv = kv[0].unsqueeze(1).expand(2, batch, -1, -1, -1)
         else:
-            kv = kv[self.router.rows(batch)].transpose(0, 1)
+            kv = self.router.take(kv, batch).transpose(0, 1)
         return kv[0], kv[1]
 
     def make_plain(self) -> None:
