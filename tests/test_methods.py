@@ -119,7 +119,7 @@ def test_trainable_count_matches_formula_and_only_it_trains(name, model, batch):
     assert losses[-1] != losses[0]
 
 
-@pytest.mark.parametrize("model_name", FAMILY_MODELS)
+@pytest.mark.parametrize("model_name", ["t5-tiny", "bart-tiny"])  # mT5 is T5's code
 @pytest.mark.parametrize("name", [n for n in MODEL_METHODS if METHODS[n].trains])
 def test_saved_state_loads_into_a_fresh_model_and_reproduces_logits(name, model_name, batch):
     method, args, model = adapted(name, model_name)

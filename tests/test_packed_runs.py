@@ -177,7 +177,9 @@ def test_runs_that_differ_in_more_than_seed_and_rate_are_refused(tmp_path):
     assert not any((tmp_path / n).exists() for n in ("a", "f0", "b0"))
 
 
-@pytest.mark.parametrize("method,task", [(m, "sst2") for m in METHOD_ARGS] + [("prefix", "samsum")])
+@pytest.mark.parametrize("method,task", [
+    *[pytest.param(m, "sst2", marks=pytest.mark.slow if m in ("ia3", "prompt") else ())
+      for m in METHOD_ARGS], ("prefix", "samsum")])  # peft's own (IA)3 and prompt: slow only
 def test_each_member_of_a_bart_pack_is_its_unpacked_run(tmp_path, method, task):
     """BART (LayerNorms with biases, biased projections, learned positions; LoRA on q_proj and
     v_proj by the family's defaults) packs as T5 does, with dropout off (see above)."""

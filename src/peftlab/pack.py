@@ -239,11 +239,23 @@ class Pack:
 
     @contextlib.contextmanager
     def training_step(self) -> Iterator[None]:
-        """Gradients collected for every member at once, handed to each member's parameters."""
+        """Gradients collected for every member at once, handed to each member's parameters.
+        A method's module that computes once per step what every forward of the step reads
+        (prefix tuning's MLP) is told where the step begins and ends."""
+        modules = [m for m in self.model.modules() if hasattr(m, "begin_training_step")]
         for stack in self.stacks.values():
             stack.begin_step()
+        for module in modules:
+            module.begin_training_step()
         try:
             yield
+        except BaseException:
+            for module in modules:
+                module.end_training_step(backward=False)
+            raise
+        else:
+            for module in modules:  # the rest of the backward, into the stacks
+                module.end_training_step()
         finally:
             for stack in self.stacks.values():
                 stack.end_step()
