@@ -245,6 +245,7 @@ def test_results_do_not_depend_on_the_number_of_workers(tmp_path):
         assert yaml.safe_load((a / "config.yaml").read_text())["cpu_threads"] == 1
 
 
+@pytest.mark.slow  # 38 s; the ray backend runs by default in the local-instance test
 def test_ray_cluster_started_apart_with_a_relative_out_from_another_folder(tmp_path):
     """A cluster started as its own process (`ray start --head`) in another folder, without
     PEFTLAB_DATA_DIR: the runs land under the driver's relative --out and find the data."""
