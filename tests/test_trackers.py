@@ -270,3 +270,22 @@ def test_trackio_logs_into_its_own_store_once_per_run(tmp_path):
     assert test["step"] == out["summary"]["best_step"]
     assert test["test_accuracy"] == pytest.approx(out["summary"]["test_metrics"]["accuracy"])
     assert not (tmp_path / "home").exists()
+
+
+def test_a_run_that_fails_ends_its_tracker_records_as_failed(tmp_path, monkeypatch):
+    import peftlab.run
+    import peftlab.trackers
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(peftlab.run, "train_pack", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        peftlab.train({**RUN, "log_to": ["mlflow", "wandb"], "output_dir": str(tmp_path / "run")},
+                      progress=False)
+    _, logged = mlflow_run(mlflow_client(tmp_path / "run"))
+    assert logged.info.status == "FAILED"
+    records = wandb_records(tmp_path / "run")
+    (exit_record,) = [r.exit for r in records if r.WhichOneof("record_type") == "exit"]
+    assert exit_record.exit_code == 1
+    assert peftlab.trackers._wandb_runs_open == 0  # the next run's service starts in its folder

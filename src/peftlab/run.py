@@ -433,6 +433,12 @@ class _Record:
     def save(self, ckpt: Checkpoint) -> None:
         save_checkpoint(self.out, ckpt)
 
+    def close_trackers(self, summary: dict[str, Any]) -> None:
+        """Each tracker gets the summary and is closed, once."""
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.finish(summary)
+
 
 def _trackers(cfg: RunConfig, resume: Checkpoint | None, kept_rows: list[dict[str, Any]]
               ) -> list[Any]:
@@ -456,6 +462,19 @@ def _run_held(cfgs: list[RunConfig], setups: list[Setup], started: float, memory
         resume, rows, notes = prepare_output(cfg, overwrite)
         write_yaml(Path(cfg.output_dir) / CONFIG, cfg.model_dump())
         records.append(_Record(cfg, s, resume, rows, notes, _trackers(cfg, resume, rows)))
+    try:
+        return _run_records(records, cfgs, setups, started, memory, progress, pack_id)
+    finally:
+        for r in records:  # a run that did not finish: its trackers' records end as failed
+            try:
+                r.close_trackers({"status": "failed"})
+            except Exception as e:  # noqa: BLE001 - the run's own error is the one to raise
+                log.warning("%s: closing its trackers failed: %s", r.out, e)
+
+
+def _run_records(records: list[_Record], cfgs: list[RunConfig], setups: list[Setup],
+                 started: float, memory: PeakMemory, progress: bool, pack_id: str | None
+                 ) -> list[dict[str, Any]]:
     setup_s = time.perf_counter() - started
     s0 = setups[0]
     counts = parameter_counts(s0)  # before training: prefix tuning's MLP folds away after it
@@ -568,8 +587,7 @@ def _finish(r: _Record, outcome: TrainOutcome, test: EvalResult, test_s: float,
     if pack is not None:
         summary["pack"] = {**pack, "wall_time_s": wall}
     write_json(out / SUMMARY, summary)  # last: its presence marks a finished run
-    for tracker in r.trackers:
-        tracker.finish(summary)
+    r.close_trackers(summary)
     remove_checkpoints(out)
     return summary
 
