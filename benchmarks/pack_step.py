@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from peftlab.data import collate, tokenize
+from peftlab.data import tokenize, training_batches
 from peftlab.denormals import flushed_denormals
 from peftlab.dropout import MemberMasks, member_dropout
 from peftlab.methods import METHODS, MethodContext
@@ -32,13 +32,19 @@ from peftlab.tasks import build_task, prepare_splits
 MODEL = "flan-t5-small-random"
 
 
-def batches(members: int, steps: int) -> list[list[dict]]:
+def batches(members: int, steps: int, train_size: int = 256) -> list[list[dict]]:
+    """Each member's first `steps` training batches as its run draws them (its seed's sample
+    of `train_size`, length-grouped batches of 8: `peftlab.data.training_batches`). Until
+    session 9 these were consecutive examples (no length grouping), whose padding the packed
+    side's length chunks removed and the one-by-one side paid: it overstated the gain."""
     tokenizer = load_tokenizer(default_tokenizer_for(MODEL))  # the same for every preset
     task = build_task("sst2", {})
     out = []
     for seed in range(members):
-        feats = tokenize(tokenizer, prepare_splits(task, 8 * steps, 8, 8, seed=seed).train, 128, 4)
-        out.append([collate(feats, list(range(8 * i, 8 * i + 8)), 0) for i in range(steps)])
+        feats = tokenize(tokenizer, prepare_splits(task, train_size, 8, 8, seed=seed).train,
+                         128, 4)
+        drawn = training_batches(feats, 8, seed, 0)
+        out.append([next(drawn) for _ in range(steps)])
     return out
 
 
