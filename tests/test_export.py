@@ -14,15 +14,20 @@ RUN = dict(task="sst2", train_size=16, val_size=8, test_size=16, max_steps=4, ev
            batch_size=4, learning_rate=1e-2)
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """t5-tiny saved as a plain model folder, as a user's base checkpoint would be."""
+def saved_preset(tmp_path_factory, preset):
+    """A preset saved as a plain model folder with its tokenizer, as a user's base checkpoint
+    would be."""
     from peftlab.models import load_model, load_tokenizer
 
-    folder = tmp_path_factory.mktemp("base")
-    load_model("t5-tiny").save_pretrained(folder)
+    folder = tmp_path_factory.mktemp(preset)
+    load_model(preset).save_pretrained(folder)
     load_tokenizer(str(TOKENIZER_DIR)).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return saved_preset(tmp_path_factory, "t5-tiny")
 
 
 def predictions_of(model, tokenizer, run):
@@ -88,12 +93,7 @@ def test_peftlabs_own_methods_export_a_folder_peftlab_loads(tmp_path, method):
 
 @pytest.fixture(scope="module")
 def bart_base(tmp_path_factory):
-    from peftlab.models import load_model, load_tokenizer
-
-    folder = tmp_path_factory.mktemp("bart")
-    load_model("bart-tiny").save_pretrained(folder)
-    load_tokenizer(str(TOKENIZER_DIR)).save_pretrained(folder)
-    return folder
+    return saved_preset(tmp_path_factory, "bart-tiny")
 
 
 @pytest.mark.parametrize("method,how", [("lora", "peft"), ("ln", "merge"), ("prefix", "peftlab")])

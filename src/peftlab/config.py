@@ -262,11 +262,12 @@ def resolve_run_config(raw: dict[str, Any]) -> RunConfig:
 LOCATION_KEYS = ("output_dir", "task_args.data_dir", "log_to")  # log_to: where copies go
 
 
-def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flat_keys(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys (`method_args.r`); an empty mapping stays one value."""
     out: dict[str, Any] = {}
     for key, value in config.items():
         if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flat_keys(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -274,7 +275,7 @@ def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_changes(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """`key: old -> new` for every setting that differs (locations aside)."""
-    a, b = _flat(previous), _flat(current)
+    a, b = flat_keys(previous), flat_keys(current)
     missing = object()
     def same(k: str) -> bool:
         # a setting added in a later version, absent from an older record, at its default of

@@ -62,6 +62,7 @@ class MemberMasks:
         self.rows: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # part, its rows, where
         self.whole = True  # the chunk is every row of every part, in order
         self.widths: dict[str, int] = {}
+        self.total = 0  # rows in the chunk
         self.call = 0
 
     def set_batch(self, batches: list[dict[str, torch.Tensor]], members: list[int]) -> None:

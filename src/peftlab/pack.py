@@ -221,6 +221,8 @@ class Pack:
                 p.requires_grad_(False)  # the stacks train; the base model never does
             route(model, self.stacks, self.router)
             self.own = []
+        # a method's modules that compute once per training step (`training_step`)
+        self.step_modules = [m for m in model.modules() if hasattr(m, "begin_training_step")]
         model.peftlab_pack = self  # what a method's export and load find the members by
         use_member_attention(model)  # attention dropout drawn per member (peftlab.dropout)
 
@@ -242,7 +244,7 @@ class Pack:
         """Gradients collected for every member at once, handed to each member's parameters.
         A method's module that computes once per step what every forward of the step reads
         (prefix tuning's MLP) is told where the step begins and ends."""
-        modules = [m for m in self.model.modules() if hasattr(m, "begin_training_step")]
+        modules = self.step_modules
         for stack in self.stacks.values():
             stack.begin_step()
         for module in modules:
@@ -302,8 +304,11 @@ def _lengths(batch: dict[str, torch.Tensor]) -> tuple[list[int], list[int]]:
     return last(batch["attention_mask"] > 0), last(batch["labels"] != IGNORE_INDEX)
 
 
-def length_chunks(batches: list[dict[str, torch.Tensor]], chunk_cost: float
-                  ) -> list[list[tuple[int, int]]]:
+Lengths = list[tuple[list[int], list[int]]]  # each batch's `_lengths`
+
+
+def length_chunks(batches: list[dict[str, torch.Tensor]], chunk_cost: float,
+                  lengths: Lengths | None = None) -> list[list[tuple[int, int]]]:
     """The rows of several members' micro-batches, (batch, row), in chunks of similar
     lengths.
 
@@ -315,8 +320,7 @@ def length_chunks(batches: list[dict[str, torch.Tensor]], chunk_cost: float
     """
     size = max(len(b["input_ids"]) for b in batches)
     rows = []
-    for k, batch in enumerate(batches):
-        encoder, decoder = _lengths(batch)
+    for k, (encoder, decoder) in enumerate(lengths or [_lengths(b) for b in batches]):
         rows += [(e, d, k, r) for r, (e, d) in enumerate(zip(encoder, decoder))]
     rows.sort()
     cuts = list(range(0, len(rows), size))[1:]
@@ -338,10 +342,11 @@ def length_chunks(batches: list[dict[str, torch.Tensor]], chunk_cost: float
 
 
 def gather_rows(batches: list[dict[str, torch.Tensor]], rows: list[tuple[int, int]],
-                pad_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, int]]:
+                pad_id: int, lengths: Lengths | None = None
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, int]]:
     """One batch of the given rows (in order), padded to their longest own lengths; each
     row's batch; the batch's length of each side."""
-    lengths = [_lengths(b) for b in batches]
+    lengths = lengths or [_lengths(b) for b in batches]
     widths = {"encoder": max(lengths[k][0][r] for k, r in rows),
               "decoder": max(lengths[k][1][r] for k, r in rows)}
     picked: dict[int, list[int]] = {}
@@ -389,9 +394,10 @@ def step_gradients(pack: Pack, micro_batches: list[list[dict[str, torch.Tensor]]
         for i in range(max(len(micro_batches[m]) for m in active)):
             parts = [(m, micro_batches[m][i]) for m in active if i < len(micro_batches[m])]
             members, batches = [m for m, _ in parts], [b for _, b in parts]
+            lengths = [_lengths(b) for b in batches] if len(batches) > 1 else None
             chunks = length_chunks(batches, chunk_cost if chunk_cost is not None
-                                   else CHUNK_COST.get(device.type, CHUNK_COST["cuda"])) \
-                if len(batches) > 1 else None
+                                   else CHUNK_COST.get(device.type, CHUNK_COST["cuda"]),
+                                   lengths) if lengths else None
             if chunks is None or len(chunks) == 1:  # every row, in order (a run alone)
                 if masks is not None:  # each member's dropout at its own shapes
                     masks.set_batch(batches, members)
@@ -402,7 +408,7 @@ def step_gradients(pack: Pack, micro_batches: list[list[dict[str, torch.Tensor]]
             if masks is not None:
                 masks.start(batches, members, chunks=len(chunks))
             for rows in chunks:
-                batch, member_of_row, widths = gather_rows(batches, rows, pad_id)
+                batch, member_of_row, widths = gather_rows(batches, rows, pad_id, lengths)
                 if masks is not None:
                     masks.chunk(rows, widths)
                 losses += _chunk_backward(pack, batch, member_of_row, members, totals,

@@ -29,11 +29,11 @@ import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
+from peftlab.config import flat_keys
 from peftlab.errors import ConfigError
 from peftlab.records import TENSORBOARD, TRACKER_FOLDERS
 
-TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")
-PACKAGE = {name: name for name in TRACKERS}  # what to import
+TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")  # each its package and its extra
 
 
 class Tracker(Protocol):
@@ -52,7 +52,7 @@ def check_available(names: list[str]) -> None:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     for name in names:
         try:
-            importlib.import_module(PACKAGE[name])
+            importlib.import_module(name)
         except ImportError:
             raise ConfigError(f"`log_to: {name}` needs its package: pip install "
                               f"'peftlab[{name}]'") from None
@@ -64,14 +64,9 @@ def _scalars(row: dict[str, Any]) -> dict[str, float]:
             and not isinstance(v, bool)}
 
 
-def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    out: dict[str, str] = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = json.dumps(value) if not isinstance(value, str) else value
-    return out
+def _test_scalars(summary: dict[str, Any]) -> dict[str, float]:
+    """The summary's test metrics as `test_*` numbers."""
+    return {f"test_{k}": v for k, v in _scalars(summary.get("test_metrics") or {}).items()}
 
 
 def _public(summary: dict[str, Any]) -> dict[str, Any]:
@@ -140,7 +135,8 @@ class MLflow:
         tags = {f"peftlab.{k}": str(v) for k, v in (labels or {}).items()}
         self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=tags) \
             .info.run_id
-        params = [Param(k, v[:6000]) for k, v in _flat(config).items()]
+        params = [Param(k, (v if isinstance(v, str) else json.dumps(v))[:6000])
+                  for k, v in flat_keys(config).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
             self.client.log_batch(self.run_id, params=params[i:i + 100])
 
@@ -157,8 +153,7 @@ class MLflow:
         self._metrics(_scalars(row), row["step"])
 
     def finish(self, summary: dict[str, Any]) -> None:
-        test = {f"test_{k}": v for k, v in _scalars(summary.get("test_metrics") or {}).items()}
-        if test:
+        if test := _test_scalars(summary):
             self._metrics(test, summary.get("best_step") or 0)
         self.client.log_dict(self.run_id, _public(summary), "summary.json")
         failed = summary.get("status") not in ("completed", "stopped_early")
@@ -212,8 +207,8 @@ class WandB:
         import wandb
 
         global _wandb_runs_open
-        for key, value in _scalars(summary.get("test_metrics") or {}).items():
-            self.run.summary[f"test_{key}"] = value
+        for key, value in _test_scalars(summary).items():
+            self.run.summary[key] = value
         for key in ("status", "best_step", "steps_done", "trainable_params"):
             if key in summary:
                 self.run.summary[key] = summary[key]
@@ -230,8 +225,7 @@ class Trackio:
     test metrics at the selected step. Its messages (printed) are kept out of the study's
     output; its CPU sampling is off (not part of a run's record)."""
 
-    def __init__(self, run_dir: Path, config: dict[str, Any], labels: dict[str, Any] | None,
-                 kept_rows: list[dict[str, Any]]):
+    def __init__(self, run_dir: Path, config: dict[str, Any], labels: dict[str, Any] | None):
         import contextlib
         import hashlib
         import io
@@ -249,8 +243,6 @@ class Trackio:
                 project=self.project, name=self.name, config={**config, "labels": labels},
                 group=str(labels["study"]) if "study" in labels else None,
                 auto_log_cpu=False, auto_log_gpu=False, embed=False)
-        for row in kept_rows:
-            self.row(row)
 
     def row(self, row: dict[str, Any]) -> None:
         self.run.log(_scalars(row), step=row["step"])
@@ -259,8 +251,7 @@ class Trackio:
         import contextlib
         import io
 
-        test = {f"test_{k}": v for k, v in _scalars(summary.get("test_metrics") or {}).items()}
-        if test:
+        if test := _test_scalars(summary):
             self.run.log(test, step=summary.get("best_step") or 0)
         with contextlib.redirect_stdout(io.StringIO()):
             self.run.finish()
@@ -277,12 +268,13 @@ def open_trackers(names: list[str], run_dir: Path, config: dict[str, Any],
         if name == "tensorboard":
             out.append(TensorBoard(run_dir / TENSORBOARD, config, labels, resume_step))
             continue
-        if name == "trackio":
-            out.append(Trackio(run_dir, config, labels, kept_rows))
-            continue
-        folder = run_dir / TRACKER_FOLDERS[name]
-        shutil.rmtree(folder, ignore_errors=True)  # ours: started again, then the kept rows
-        tracker = (MLflow if name == "mlflow" else WandB)(folder, config, labels, run_dir.name)
+        if name == "trackio":  # its own record, deleted by name
+            tracker: Tracker = Trackio(run_dir, config, labels)
+        else:
+            folder = run_dir / TRACKER_FOLDERS[name]
+            shutil.rmtree(folder, ignore_errors=True)  # ours: started again
+            tracker = (MLflow if name == "mlflow" else WandB)(folder, config, labels,
+                                                              run_dir.name)
         for row in kept_rows:
             tracker.row(row)
         out.append(tracker)
