@@ -1,6 +1,6 @@
 """Training steps of P members packed on one base model against the same P members' steps
 one after another (what P unpacked runs do), on the Flan-T5-small geometry with real SST-2
-batches (8 examples per member), fp32, dropout as in training.
+batches (8 examples per member; `--task samsum`: SAMSum's), fp32, dropout as in training.
 
     PEFTLAB_DATA_DIR=../shared/data .venv/bin/python benchmarks/pack_step.py \\
         --methods lora,prompt,prefix,ia3,ln --members 1,4,8 --steps 6
@@ -32,28 +32,37 @@ from peftlab.tasks import build_task, prepare_splits
 MODEL = "flan-t5-small-random"
 
 
-def batches(members: int, steps: int, train_size: int = 256) -> list[list[dict]]:
+# each task's batches as the seed-study preset trains them (batch size, source and target
+# lengths); --batch-size and --lengths change them (the smoke preset's SAMSum: 4 and 96,24)
+SHAPES = {"sst2": (8, 128, 4), "samsum": (8, 512, 128)}
+
+
+def batches(members: int, steps: int, train_size: int = 256, task: str = "sst2",
+            batch_size: int | None = None, lengths: tuple[int, int] | None = None
+            ) -> list[list[dict]]:
     """Each member's first `steps` training batches as its run draws them (its seed's sample
-    of `train_size`, length-grouped batches of 8: `peftlab.data.training_batches`). Until
+    of `train_size`, length-grouped batches: `peftlab.data.training_batches`). Until
     session 9 these were consecutive examples (no length grouping), whose padding the packed
     side's length chunks removed and the one-by-one side paid: it overstated the gain."""
     tokenizer = load_tokenizer(default_tokenizer_for(MODEL))  # the same for every preset
-    task = build_task("sst2", {})
+    default_batch, source, target = SHAPES[task]
+    source, target = lengths or (source, target)
+    spec = build_task(task, {})
     out = []
     for seed in range(members):
-        feats = tokenize(tokenizer, prepare_splits(task, train_size, 8, 8, seed=seed).train,
-                         128, 4)
-        drawn = training_batches(feats, 8, seed, 0)
+        feats = tokenize(tokenizer, prepare_splits(spec, train_size, 8, 8, seed=seed).train,
+                         source, target)
+        drawn = training_batches(feats, batch_size or default_batch, seed, 0)
         out.append([next(drawn) for _ in range(steps)])
     return out
 
 
 @flushed_denormals()
-def measure(name: str, members: int, steps: int, model: str = MODEL
+def measure(name: str, members: int, steps: int, model: str = MODEL, **shape
             ) -> tuple[float, float, float]:
     method = METHODS[name]
     args, ctx = method.Args(), MethodContext(default_tokenizer_for(model), steps)
-    data = batches(members, steps)
+    data = batches(members, steps, **shape)
     base = load_model(model)
     states = [initial_state(method, args, ctx, base, seed) for seed in range(members)]
     pack = Pack(method.apply(copy.deepcopy(base), args, ctx, False).train(), states, method.route)
@@ -100,16 +109,23 @@ def main() -> None:
     parser.add_argument("--members", default="1,4,8")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--model", default=MODEL, help="a preset: flan-t5-small-random, t5-tiny")
+    parser.add_argument("--task", default="sst2", choices=sorted(SHAPES))
+    parser.add_argument("--batch-size", type=int, help="default: the task's in SHAPES")
+    parser.add_argument("--lengths", help="SOURCE,TARGET token limits; default: SHAPES")
     args = parser.parse_args()
-    print(f"model {args.model}")
+    shape = dict(task=args.task, batch_size=args.batch_size,
+                 lengths=tuple(int(n) for n in args.lengths.split(",")) if args.lengths else None)
+    print(f"model {args.model}, {shape}, threads {torch.get_num_threads()}")
     print(f"{'method':8s} {'P':>3s} {'packed s/step':>14s} {'one batch s':>12s} "
           f"{'one by one s':>13s} {'speedup':>8s} {'(one batch)':>12s} {'packed ex/s':>12s}")
+    rows = args.batch_size or SHAPES[args.task][0]
     for name in args.methods.split(","):
         for members in (int(p) for p in args.members.split(",")):
-            packed, one_batch, sequential = measure(name, members, args.steps, args.model)
+            packed, one_batch, sequential = measure(name, members, args.steps, args.model,
+                                                   **shape)
             print(f"{name:8s} {members:3d} {packed:14.3f} {one_batch:12.3f} {sequential:13.3f} "
                   f"{sequential / packed:7.2f}x {sequential / one_batch:11.2f}x "
-                  f"{8 * members / packed:12.1f}", flush=True)
+                  f"{rows * members / packed:12.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -74,13 +74,16 @@ def assert_same_run(packed, alone):
     assert [r["id"] for r in preds_p] == [r["id"] for r in preds_a]
 
 
-def pack_and_alone(tmp_path, members=MEMBERS, **overrides):
+def pack_and_alone(tmp_path, members=MEMBERS, train_sizes=None, **overrides):
+    """`train_sizes`: each member's own (default: the same for all)."""
     scale = RATE_SCALE[overrides.get("method", "lora")]
-    packed = [config(tmp_path, f"packed{i}", seed, lr * scale, **overrides)
+    own = [{"train_size": n} for n in train_sizes] if train_sizes else [{}] * len(members)
+    packed = [config(tmp_path, f"packed{i}", seed, lr * scale, **{**overrides, **own[i]})
               for i, (seed, lr) in enumerate(members)]
     summaries = run_pack(packed, progress=False, pack_id="p0")
     for i, (seed, lr) in enumerate(members):
-        run(config(tmp_path, f"alone{i}", seed, lr * scale, **overrides), progress=False)
+        run(config(tmp_path, f"alone{i}", seed, lr * scale, **{**overrides, **own[i]}),
+            progress=False)
     return summaries
 
 
@@ -141,6 +144,18 @@ def test_each_member_of_a_pack_is_its_unpacked_run_on_the_flan_t5_small_geometry
         assert_same_run(tmp_path / f"packed{i}", tmp_path / f"alone{i}")
 
 
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_members_with_training_samples_of_different_sizes_are_their_unpacked_runs(tmp_path,
+                                                                                 method):
+    """A study's train sizes share packs: each member draws its own sample (8, 16 or 40
+    examples, so it goes round its sample at its own pace), with dropout on."""
+    pack_and_alone(tmp_path, train_sizes=[16, 8, 40], method=method,
+                   method_args=METHOD_ARGS[method], dropout=0.1)
+    for i, n in enumerate([16, 8, 40]):
+        assert read_json(tmp_path / f"packed{i}" / "summary.json")["train_size"] == n
+        assert_same_run(tmp_path / f"packed{i}", tmp_path / f"alone{i}")
+
+
 def test_a_member_that_diverges_leaves_the_others_unchanged(tmp_path):
     members = [(0, 3e-3), (1, 1e30), (2, 1e-2)]
     summaries = pack_and_alone(tmp_path, members, method="ln")
@@ -158,12 +173,12 @@ def test_members_stopping_early_at_different_steps_leave_the_others_going(tmp_pa
         assert_same_run(tmp_path / f"packed{i}", tmp_path / f"alone{i}")
 
 
-def test_runs_that_differ_in_more_than_seed_and_rate_are_refused(tmp_path):
+def test_runs_that_differ_in_more_than_seed_rate_and_train_size_are_refused(tmp_path):
     from peftlab.errors import PeftlabError
 
     a = config(tmp_path, "a", 0, 1e-3)
     b = config(tmp_path, "b", 1, 1e-3, max_steps=8)
-    with pytest.raises(PeftlabError, match="differ only in seed, learning_rate, output_dir"):
+    with pytest.raises(PeftlabError, match="differ only in seed, learning_rate, train_size, output_dir"):
         run_pack([a, b], progress=False)
     full = [config(tmp_path, n, s, 1e-4, method="full") for n, s in (("f0", 0), ("f1", 1))]
     with pytest.raises(PeftlabError, match="cannot be packed: method `full` has no routed"):
@@ -401,3 +416,9 @@ def test_a_group_larger_than_a_pack_is_split_evenly(tmp_path):
     assert sorted(len(g) for g in packs(lora, 18)) == [9, 9]  # two sizes: two groups
     assert sorted(len(g) for g in packs(lora, 18, slots=4)) == [4, 4, 5, 5]
     assert sorted(len(g) for g in packs(lora[:2], 8, slots=4)) == [1, 1]  # no more to split
+    # a study's train sizes pack together: 2 sizes x 3 rates x 3 seeds of one LoRA size
+    study = study_config(dict(STUDY, train_sizes=[16, 32], methods=[
+        {"method": "lora", "sizes": {"r": [2, 4]}, "learning_rates": [1e-3, 3e-3, 1e-2]}]))
+    groups = packs(expand(study, Path(tmp_path)), 18)
+    assert [len(g) for g in groups] == [18, 18]
+    assert all({c.config.train_size for c in g} == {16, 32} for g in groups)

@@ -1,10 +1,11 @@
 """Packs: several runs of one method trained on ONE copy of the frozen base model.
 
-The members of a pack differ only in seed (initialisation, training sample, batch order) and
-learning rate. Their micro-batches go through the model together (their rows sorted by length
-into chunks: `length_chunks`); each row is routed to its member's trainable tensors, so the
-base model's matrix products run once over the rows of every member. peft trains one adapter
-per batch (its mixed-adapter batches are for inference), hence this module.
+The members of a pack differ only in seed (initialisation, training sample, batch order),
+learning rate and training size. Their micro-batches go through the model together (their
+rows sorted by length into chunks: `length_chunks`); each row is routed to its member's
+trainable tensors, so the base model's matrix products run once over the rows of every
+member. peft trains one adapter per batch (its mixed-adapter batches are for inference),
+hence this module.
 
 How a member's tensors live here: every trainable tensor of the method becomes a `Stack`, one
 `[members, *shape]` storage whose row m is member m's tensor, aliased by a plain

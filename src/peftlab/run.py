@@ -190,8 +190,10 @@ def setup(cfg: RunConfig, for_inference: bool = False, pack: bool = True, data: 
 
 
 # What the members of a pack may differ in (peftlab.pack): everything else is one model, one
-# method and size, one schedule shape (steps, batches, evaluations) for all of them.
-PACK_FREE_KEYS = ("seed", "learning_rate", "output_dir")
+# method and size, one schedule shape (steps, batches, evaluations) for all of them. Each
+# member reads its own training sample (its seed's draw of its train_size) and keeps its own
+# batch order; validation and test are drawn apart from both (checked in setup_pack).
+PACK_FREE_KEYS = ("seed", "learning_rate", "train_size", "output_dir")
 
 
 def pack_key(cfg: RunConfig) -> str:
@@ -291,20 +293,21 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def check_attention_memory(s: Setup, rows: int = 1) -> None:
+def check_attention_memory(setups: list[Setup]) -> None:
     """Refuse, before allocating, a run whose attention scores cannot fit: they grow with the
     square of the longest input, and `max_source_length: 100000` on SAMSum ended in an
     out-of-memory traceback (or, on Linux, the kernel killing the process with no message).
     A lower bound: scores, softmax and dropout mask of every encoder layer of the largest
     batch while training, eval_batch_size (one layer at a time) when evaluating; in a pack,
-    `rows` members' batches at once."""
+    every member's batches at once, the longest input of any member."""
+    s, rows = setups[0], len(setups)
     if s.model is None:
         return
     config = s.model.config
     heads = getattr(config, "num_heads", None) or getattr(config, "encoder_attention_heads", 1)
     layers = getattr(config, "num_layers", None) or getattr(config, "encoder_layers", 1)
-    longest = max(max((len(x) for x in s.features(split).input_ids), default=0)
-                  for split in ("train", "validation", "test"))
+    longest = max(max((len(x) for x in m.features(split).input_ids), default=0)
+                  for m in setups for split in ("train", "validation", "test"))
     per_matrix = heads * longest ** 2 * 4 * 3
     needed = rows * max(s.cfg.batch_size * per_matrix * layers, s.cfg.eval_batch_size * per_matrix)
     free = available_memory(s.device)
@@ -386,14 +389,15 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False,
 
 def run_pack(cfgs: list[RunConfig], progress: bool = True, overwrite: bool = False,
              locked: bool = False, pack_id: str | None = None) -> list[dict[str, Any]]:
-    """Train runs that differ only in seed and learning rate as one pack (peftlab.pack), each
+    """Train runs that differ only in seed, learning rate and training size as one pack
+    (peftlab.pack), each
     into its own folder exactly as it would alone, and return their summaries. Every member's
     lock is held throughout (`locked`: the caller holds them)."""
     started = time.perf_counter()
     memory = PeakMemory(resolve_device(cfgs[0])).start()
     torch.set_num_threads(cfgs[0].cpu_threads or os.cpu_count() or 1)  # see RunConfig.cpu_threads
     setups = setup_pack(cfgs)  # bad data or a bad model fails here, before anything is written
-    check_attention_memory(setups[0], rows=len(cfgs))
+    check_attention_memory(setups)
     with contextlib.ExitStack() as held:
         if not locked:
             for cfg in cfgs:

@@ -120,8 +120,8 @@ class StudyConfig(BaseModel):
     train_sizes: list[int | Literal["all"]] = Field(min_length=1)
     seeds: list[int] = Field(min_length=1)
     pack: int = Field(1, ge=1, description="runs trained together on one copy of the base "
-                      "model (peftlab.pack): cells that differ only in seed and learning rate, "
-                      "of a method that can be packed; 1: every run alone")
+                      "model (peftlab.pack): cells that differ only in seed, learning rate and "
+                      "train size, of a method that can be packed; 1: every run alone")
 
     @field_validator("name")
     @classmethod
@@ -425,7 +425,7 @@ def _run_alone(cfg: RunConfig, labels: dict[str, Any], progress: bool) -> str:
 
 def packs(cells: list[Cell], size: int, slots: int = 1) -> list[list[Cell]]:
     """The cells in packs of up to `size`: cells whose runs may train together (same task,
-    model, method and size, schedule; any seed and learning rate) and whose method can be
+    model, method and size, schedule; any seed, learning rate and train size) and whose method can be
     packed; every other cell alone. A group larger than `size` is split evenly (9 cells in
     packs of up to 8: 5 and 4, not 8 and a run alone). Fewer packs than `slots` (workers)
     would leave workers idle: the largest packs are halved until each has one (8 cells on 2
