@@ -185,6 +185,38 @@ def test_a_pack_of_one_is_the_unpacked_computation(member_batches):
         assert torch.allclose(pack.state(0)[key], value, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("plain_head", [True, False])
+def test_the_lm_head_computes_labelled_positions_only_with_the_loss_unchanged(plain_head):
+    """Targets of different lengths: the head's product and log-softmax skip the padded
+    positions, and the loss and gradients are the model's own; a head that is not a plain
+    Linear (a method could adapt it) computes every position."""
+    method = METHODS["lora"]
+    args, ctx = method.Args(), MethodContext(str(TOKENIZER_DIR), 10)
+    torch.manual_seed(0)
+    model = no_dropout(method.apply(load_model("t5-tiny"), args, ctx, False))
+    if not plain_head:
+        model.base_model.model.lm_head = torch.nn.Sequential(model.base_model.model.lm_head)
+    ids = torch.tensor([[5, 6, 7, 8, 1], [9, 10, 1, 0, 0]])
+    batch = {"input_ids": ids, "attention_mask": (ids != 0).long(),
+             "labels": torch.tensor([[11, 12, 13, 1], [14, 1, -100, -100]])}
+    params = [p for p in model.parameters() if p.requires_grad]
+    model(**batch).loss.backward()
+    expected = [p.grad.clone() for p in params]
+    model.zero_grad()
+    pack = Pack(model, [{n: p.detach() for n, p in model.named_parameters() if p.requires_grad}],
+                method.route)
+    rows = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: rows.append(out.shape[:-1]))
+    loss = step_gradients(pack, [[batch]], CPU, False, 0)[0]
+    hook.remove()
+    assert rows == [torch.Size([6]) if plain_head else torch.Size([2, 4])]
+    with torch.no_grad():
+        assert loss == pytest.approx(model(**batch).loss.item(), rel=1e-6)
+    for got, want in zip([p.grad for _, p in pack.parameters(0)], expected):
+        assert close(got, want, 1e-5)
+
+
 def test_decoder_inputs_are_the_models_own_shift():
     model = load_model("t5-tiny")
     labels = torch.tensor([[5, 6, 1, -100]])
