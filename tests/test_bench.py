@@ -290,6 +290,7 @@ def test_pack_section_runs_each_pack_size_beside_the_unpacked_runs_and_reports_t
             return {"preset": kw["preset"], "pack": kw["pack"], "runs": 151, "workers": 2,
                     "seconds": seconds, "runs_per_hour": 3600 * 151 / seconds}
         return {"method": kw["method"], "pack": kw["pack"], "runs": kw["n_runs"], "workers": 2,
+                "packs": -(-kw["n_runs"] // kw["pack"]),
                 "seconds": seconds, "runs_per_hour": 3600 * kw["n_runs"] / seconds,
                 "mfu": 0.1, "settings": {"max_steps": 20}}
 
@@ -301,5 +302,5 @@ def test_pack_section_runs_each_pack_size_beside_the_unpacked_runs_and_reports_t
                                       ("study", 4), ("study", 8)]  # full fine-tuning: unpacked
     text = (tmp_path / "bench.md").read_text()
     assert "## Packed training (`peftlab run --pack P`)" in text
-    assert "| sst2/lora | 8 | 2 | 8 | 50.0 | 576 | 2.00x | 10.00% |" in text
-    assert "| study | 4 | 2 | 151 | 80.0 | 6795 | 1.25x |" in text
+    assert "| sst2/lora | 8 | 1 | 2 | 8 | 50.0 | 576 | 2.00x | 10.00% |" in text
+    assert "| study | 4 |  | 2 | 151 | 80.0 | 6795 | 1.25x |" in text

@@ -310,17 +310,20 @@ def test_a_pack_killed_mid_training_resumes_to_the_same_files(tmp_path, unpacked
         assert_same_run(run_dir, unpacked_study / key)
 
 
-@pytest.mark.parametrize("task", ["sst2", "samsum"])
-def test_a_packs_members_are_evaluated_in_one_pass(tmp_path, task):
-    """The encoder runs as many times for three members as for one, on three times the rows,
-    and each member's result is its own evaluation's."""
+@pytest.mark.parametrize("task,eval_batch_size,passes", [
+    ("sst2", 48, 1), ("samsum", 16, 1), ("sst2", 16, 3)])
+def test_a_packs_members_are_evaluated_together_within_the_eval_batch(tmp_path, task,
+                                                                     eval_batch_size, passes):
+    """On a CPU, a forward takes as many members' tiled inputs as keep it within
+    eval_batch_size rows (SST-2 scores 2 candidates a row: 8 examples x 3 members fit in 48,
+    not in 16), and each member's result is its own evaluation's."""
     from peftlab.run import evaluate_pack, setup_pack
 
     extra = dict(task="samsum", val_size=4, max_new_tokens=4, max_source_length=64,
                  max_target_length=16) if task == "samsum" else {}
     # prompt tuning: each member's initial prompt is its own, so the members' outputs differ
     cfgs = [config(tmp_path, f"m{i}", seed, lr, method="prompt",
-                   method_args=METHOD_ARGS["prompt"], **extra)
+                   method_args=METHOD_ARGS["prompt"], eval_batch_size=eval_batch_size, **extra)
             for i, (seed, lr) in enumerate(MEMBERS)]
     setups = setup_pack(cfgs)
     encoder = setups[0].model.get_base_model().encoder
@@ -328,11 +331,12 @@ def test_a_packs_members_are_evaluated_in_one_pass(tmp_path, task):
     hook = encoder.register_forward_hook(
         lambda module, args, out: rows.append(len(out.last_hidden_state)))
     together = evaluate_pack(setups, "validation", [0, 1, 2], progress=False)
-    calls_together, rows_together = len(rows), sum(rows)
+    rows_together = list(rows)
     rows.clear()
     alone = [setups[i].evaluate("validation", progress=False) for i in range(3)]
     hook.remove()
-    assert calls_together == len(rows) // 3 and rows_together == sum(rows)
+    assert len(rows_together) == passes * len(rows) // 3 and sum(rows_together) == sum(rows)
+    assert max(rows_together) <= eval_batch_size
     for t, a in zip(together, alone):
         assert [r["prediction"] for r in t.rows] == [r["prediction"] for r in a.rows]
         assert t.metrics["loss"] == pytest.approx(a.metrics["loss"], rel=1e-5)

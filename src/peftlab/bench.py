@@ -991,8 +991,9 @@ def markdown(r: dict) -> str:
                           "includes peftlab's step-0 evaluation, which the reference does not run.",
                           ""]
     if "pack" in r:
-        columns = ["cells", "pack", "workers", "runs", "seconds", "runs/hour", "vs unpacked",
-                   "MFU (training)"]
+        # `packs`: what ran, where `pack` is the limit (packs are split to fill the workers)
+        columns = ["cells", "pack", "packs", "workers", "runs", "seconds", "runs/hour",
+                   "vs unpacked", "MFU (training)"]
         first = next((row for rows in r["pack"].values() for row in rows.values()
                       if "settings" in row), {})
         lines += _table("## Packed training (`peftlab run --pack P`): the same runs unpacked "
@@ -1004,7 +1005,8 @@ def markdown(r: dict) -> str:
                     lines.append(_row([name, size, f"error: {row['error']}"], len(columns)))
                     continue
                 gain = f"{row['runs_per_hour'] / base:.2f}x" if base else "–"
-                lines.append(_row([name, size, str(row.get("workers", "")), str(row["runs"]),
+                lines.append(_row([name, size, str(row.get("packs", "")),
+                                   str(row.get("workers", "")), str(row["runs"]),
                                    _f(row["seconds"], ".1f"), _f(row["runs_per_hour"], ".0f"),
                                    gain, _f(row.get("mfu"), ".2%")], len(columns)))
         lines.append("")

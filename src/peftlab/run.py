@@ -549,9 +549,27 @@ def evaluate_pack(setups: list[Setup], split: str, indices: list[int], progress:
     pack = getattr(s.model, "peftlab_pack", None)
     if pack is None or pack.members == 1:
         return [setups[i].evaluate(split, progress=progress) for i in indices]
-    settings = dataclasses.replace(s.eval_settings(split, progress), members=tuple(indices))
-    return evaluate_model(s.model, s.tokenizer, s.task, getattr(s.splits, split),
-                          s.features(split), settings)
+    results: list[EvalResult] = []
+    for group in together(s, split, indices):
+        settings = dataclasses.replace(s.eval_settings(split, progress), members=tuple(group))
+        results += evaluate_model(s.model, s.tokenizer, s.task, getattr(s.splits, split),
+                                  s.features(split), settings)
+    return results
+
+
+def together(s: Setup, split: str, indices: list[int]) -> list[list[int]]:
+    """The members evaluated in one forward each: on a GPU all of them; on a CPU as many as
+    keep a forward within `eval_batch_size` rows, as a run alone (at least one). A CPU pays
+    for a larger batch in memory traffic: a SAMSum pack of 4 (Flan-T5-small geometry, 32
+    examples a batch tiled into 128 rows of 512 tokens) evaluated 1.25x slower than its
+    members one by one (docs/speed.md, "Session 10"); a GPU is left the whole pack to fill
+    it (to be measured there)."""
+    if s.device.type != "cpu":
+        return [indices]
+    per_row = len(s.task.label_words) if isinstance(s.task, ClassificationTask) else 1
+    examples = min(len(getattr(s.splits, split)), max(1, s.cfg.eval_batch_size // per_row))
+    size = max(1, s.cfg.eval_batch_size // (examples * per_row))
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
 
 
 def _finish(r: _Record, outcome: TrainOutcome, test: EvalResult, test_s: float,
