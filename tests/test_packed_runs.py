@@ -310,37 +310,40 @@ def test_a_pack_killed_mid_training_resumes_to_the_same_files(tmp_path, unpacked
         assert_same_run(run_dir, unpacked_study / key)
 
 
-@pytest.mark.parametrize("task,eval_batch_size,passes", [
-    ("sst2", 48, 1), ("samsum", 16, 1), ("sst2", 16, 3)])
-def test_a_packs_members_are_evaluated_together_within_the_eval_batch(tmp_path, task,
-                                                                     eval_batch_size, passes):
-    """On a CPU, a forward takes as many members' tiled inputs as keep it within
-    eval_batch_size rows (SST-2 scores 2 candidates a row: 8 examples x 3 members fit in 48,
-    not in 16), and each member's result is its own evaluation's."""
+@pytest.mark.parametrize("task", ["sst2", "samsum"])
+@pytest.mark.parametrize("together", [True, False])
+def test_a_packs_members_are_evaluated_as_their_runs_together_or_one_by_one(tmp_path, task,
+                                                                            together,
+                                                                            monkeypatch):
+    """Together (a GPU's way): the encoder runs as many times for three members as for one, on
+    three times the rows. One by one (a CPU's): as each run alone. Either way each member's
+    result is its own evaluation's."""
+    import peftlab.run
     from peftlab.run import evaluate_pack, setup_pack
 
+    monkeypatch.setitem(peftlab.run.EVALUATE_TOGETHER, "cpu", together)
     extra = dict(task="samsum", val_size=4, max_new_tokens=4, max_source_length=64,
                  max_target_length=16) if task == "samsum" else {}
     # prompt tuning: each member's initial prompt is its own, so the members' outputs differ
     cfgs = [config(tmp_path, f"m{i}", seed, lr, method="prompt",
-                   method_args=METHOD_ARGS["prompt"], eval_batch_size=eval_batch_size, **extra)
+                   method_args=METHOD_ARGS["prompt"], **extra)
             for i, (seed, lr) in enumerate(MEMBERS)]
     setups = setup_pack(cfgs)
     encoder = setups[0].model.get_base_model().encoder
     rows: list[int] = []
     hook = encoder.register_forward_hook(
         lambda module, args, out: rows.append(len(out.last_hidden_state)))
-    together = evaluate_pack(setups, "validation", [0, 1, 2], progress=False)
-    rows_together = list(rows)
+    packed = evaluate_pack(setups, "validation", [0, 1, 2], progress=False)
+    rows_packed = list(rows)
     rows.clear()
     alone = [setups[i].evaluate("validation", progress=False) for i in range(3)]
     hook.remove()
-    assert len(rows_together) == passes * len(rows) // 3 and sum(rows_together) == sum(rows)
-    assert max(rows_together) <= eval_batch_size
-    for t, a in zip(together, alone):
+    assert len(rows_packed) == (len(rows) // 3 if together else len(rows))
+    assert sum(rows_packed) == sum(rows)
+    for t, a in zip(packed, alone):
         assert [r["prediction"] for r in t.rows] == [r["prediction"] for r in a.rows]
         assert t.metrics["loss"] == pytest.approx(a.metrics["loss"], rel=1e-5)
-    assert len({round(t.metrics["loss"], 6) for t in together}) == 3
+    assert len({round(t.metrics["loss"], 6) for t in packed}) == 3
 
 
 def test_a_member_another_process_holds_is_left_out_of_its_pack(tmp_path):

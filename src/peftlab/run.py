@@ -541,35 +541,28 @@ def _run_records(records: list[_Record], cfgs: list[RunConfig], setups: list[Set
     return summaries
 
 
+# Whether a pack evaluates its members together (each batch of inputs tiled once per member,
+# rows routed to their members: peftlab.evaluate), by device type; otherwise member after
+# member, each at its run's own batches. On this CPU the larger batch costs more than it saves:
+# SAMSum cells of the Flan-T5-small geometry in packs of 4 spent 1.27x their unpacked runs'
+# time in validation with every member in one batch, 1.21x with two members a batch (whole
+# runs 0.88x and 0.89x), and SST-2 cells 1.06x (docs/speed.md, sessions 9 and 10). On a GPU
+# one run's batch leaves the device idle: members go together there (to be measured, gpu.sh).
+EVALUATE_TOGETHER = {"cpu": False}  # other devices: True
+
+
 def evaluate_pack(setups: list[Setup], split: str, indices: list[int], progress: bool
                   ) -> list[EvalResult]:
-    """Members `indices` of a pack evaluated on one split together: each batch of inputs goes
-    through the model once per member, in one batch routed row by row (peftlab.evaluate)."""
+    """Members `indices` of a pack evaluated on one split: together where the device gains
+    by it (`EVALUATE_TOGETHER`: each batch of inputs through the model once per member, in one
+    batch routed row by row), else one after another."""
     s = setups[indices[0]]
     pack = getattr(s.model, "peftlab_pack", None)
-    if pack is None or pack.members == 1:
+    if pack is None or pack.members == 1 or not EVALUATE_TOGETHER.get(s.device.type, True):
         return [setups[i].evaluate(split, progress=progress) for i in indices]
-    results: list[EvalResult] = []
-    for group in together(s, split, indices):
-        settings = dataclasses.replace(s.eval_settings(split, progress), members=tuple(group))
-        results += evaluate_model(s.model, s.tokenizer, s.task, getattr(s.splits, split),
-                                  s.features(split), settings)
-    return results
-
-
-def together(s: Setup, split: str, indices: list[int]) -> list[list[int]]:
-    """The members evaluated in one forward each: on a GPU all of them; on a CPU as many as
-    keep a forward within `eval_batch_size` rows, as a run alone (at least one). A CPU pays
-    for a larger batch in memory traffic: a SAMSum pack of 4 (Flan-T5-small geometry, 32
-    examples a batch tiled into 128 rows of 512 tokens) evaluated 1.25x slower than its
-    members one by one (docs/speed.md, "Session 10"); a GPU is left the whole pack to fill
-    it (to be measured there)."""
-    if s.device.type != "cpu":
-        return [indices]
-    per_row = len(s.task.label_words) if isinstance(s.task, ClassificationTask) else 1
-    examples = min(len(getattr(s.splits, split)), max(1, s.cfg.eval_batch_size // per_row))
-    size = max(1, s.cfg.eval_batch_size // (examples * per_row))
-    return [indices[i:i + size] for i in range(0, len(indices), size)]
+    settings = dataclasses.replace(s.eval_settings(split, progress), members=tuple(indices))
+    return evaluate_model(s.model, s.tokenizer, s.task, getattr(s.splits, split),
+                          s.features(split), settings)
 
 
 def _finish(r: _Record, outcome: TrainOutcome, test: EvalResult, test_s: float,
