@@ -262,7 +262,8 @@ def train_pack(
             stepped = [run for run, batches, loss in zip(runs, micro_batches, losses)
                        if run.active and _optimizer_step(run, batches, loss, method, model)]
             bar.update(sum(1 for loss in losses if loss is not None))
-            # --- evaluate the members due, in one pass; log, keep the best, checkpoint
+            # --- evaluate the members due (together or in turn: run.evaluate_pack); log,
+            # keep the best, checkpoint
             due = [run for run in stepped if run.due(run.step)]
             evaluations = dict(zip((run.index for run in due), validate(due))) if due else {}
             for run in stepped:
