@@ -35,7 +35,7 @@ from peftlab.models import load_model
 
 def stacked(data: list[list[dict]], step: int, key: str) -> torch.Tensor:
     """Every member's batch of `step` as one [members, batch, length] tensor, padded at the
-    end to the longest member's (inputs with 0 and mask 0; labels with -100, no loss)."""
+    end to the longest member's (input ids with 0, the pad id; labels with -100, no loss)."""
     rows = [d[step][key] for d in data]
     longest = max(r.shape[1] for r in rows)
     fill = -100 if key == "labels" else 0

@@ -99,8 +99,8 @@ def run_cmd(
     runs_per_gpu: Annotated[int, typer.Option(min=1, help="runs sharing one GPU")] = 1,
     pack: Annotated[int | None, typer.Option(
         min=1, help="runs trained together on one copy of the base model: cells differing "
-        "only in seed, learning rate and train size, of lora, ia3, ln, prompt or prefix; default: the "
-        "study file's `pack` (1: every run alone)")] = None,
+        "only in seed, learning rate and train size, of lora, ia3, ln, prompt or prefix; "
+        "default: the study file's `pack` (1: every run alone)")] = None,
     backend: Annotated[str, typer.Option(help="local or ray")] = "local",
     address: Annotated[str | None, typer.Option(help="Ray cluster address; none: local")] = None,
     dry_run: Annotated[bool, typer.Option(help="print the grid and its cost, run nothing")] = False,

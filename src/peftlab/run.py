@@ -390,9 +390,8 @@ def run(cfg: RunConfig, progress: bool = True, overwrite: bool = False,
 def run_pack(cfgs: list[RunConfig], progress: bool = True, overwrite: bool = False,
              locked: bool = False, pack_id: str | None = None) -> list[dict[str, Any]]:
     """Train runs that differ only in seed, learning rate and training size as one pack
-    (peftlab.pack), each
-    into its own folder exactly as it would alone, and return their summaries. Every member's
-    lock is held throughout (`locked`: the caller holds them)."""
+    (peftlab.pack), each into its own folder exactly as it would alone, and return their
+    summaries. Every member's lock is held throughout (`locked`: the caller holds them)."""
     started = time.perf_counter()
     memory = PeakMemory(resolve_device(cfgs[0])).start()
     torch.set_num_threads(cfgs[0].cpu_threads or os.cpu_count() or 1)  # see RunConfig.cpu_threads
