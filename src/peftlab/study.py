@@ -428,9 +428,9 @@ def packs(cells: list[Cell], size: int, slots: int = 1) -> list[list[Cell]]:
     model, method and size, schedule; any seed, learning rate and train size) and whose
     method can be packed; every other cell alone. A group larger than `size` is split evenly
     (9 cells in packs of up to 8: 5 and 4, not 8 and a run alone). Fewer packs than `slots`
-    (workers) would leave workers idle: the largest packs are halved until each has one (8 cells on 2
-    CPUs in packs of up to 8: two packs of 4, where one pack of 8 ran 1.2x slower on one CPU
-    with the other idle). In grid order (a pack where its first cell is)."""
+    (workers) would leave workers idle: the largest packs are halved until each has one (8
+    cells on 2 CPUs in packs of up to 8: two packs of 4, where one pack of 8 ran 1.2x slower
+    on one CPU with the other idle). In grid order (a pack where its first cell is)."""
     from peftlab.run import pack_key, packable
 
     groups: dict[str, list[Cell]] = {}
