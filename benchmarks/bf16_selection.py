@@ -19,9 +19,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from peftlab.report import headline_table
-from peftlab.report.figures import best_configs
 from peftlab.report.load import expand_shared, load_runs, select_learning_rates
+from peftlab.report.select import best_configs
 from peftlab.study import load_study
 
 
@@ -44,9 +43,9 @@ def main() -> None:
     runs, best = {}, {}
     for precision in ("fp32", "bf16-validation"):
         folder = run_variant(args.preset, args.out, precision)
-        table = select_learning_rates(load_runs(folder)[0])
+        table = select_learning_rates(load_runs(folder)[0], "grid")
         runs[precision] = table.set_index("key")
-        best[precision] = best_configs(headline_table(expand_shared(table))).set_index(
+        best[precision] = best_configs(expand_shared(table), "grid").set_index(
             ["task", "train_size", "method_name"])
     a, b = runs["fp32"], runs["bf16-validation"]
     trained = a.learning_rate.notna()

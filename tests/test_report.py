@@ -9,7 +9,6 @@ from peftlab.files import write_json, write_jsonl
 from peftlab.report import write_report
 from peftlab.report.figures import pareto_front
 from peftlab.report.load import load_runs, select_learning_rates
-from peftlab.report.stats import crossed_test, holm, mean_ci
 
 N_EXAMPLES = 20
 
@@ -30,7 +29,8 @@ def make_run(study, key, *, method, label, lr, seed, val, per_example, size=64, 
         "size_knob": None, "size_value": None, "train_size": size, "learning_rate": lr,
         "seed": seed, "shared_across_sizes": shared})
     write_json(folder / "summary.json", {
-        "status": status, "method": method, "task": task, "train_size": size, "seed": seed,
+        "status": status, "method": method, "task": task, "model": "t5-tiny",
+        "train_size": size, "seed": seed,
         "learning_rate": lr, "trainable_params": params,
         "trained_params": params if trained is None else trained,
         "total_params": 1000 + params, "trainable_percent": 100 * params / (1000 + params),
@@ -89,7 +89,9 @@ def test_report_tables_figures_and_findings(study):
     flagged = runs[runs.flag_loss_fell_metric_fell]
     assert set(flagged.label) == {"prompt"}  # loss fell 2 -> 1 while accuracy fell 60 -> 55
     md = paths["markdown"].read_text()
-    assert "the best trained method on test accuracy (%) is lora, 65.0 ± 5.0 over 3 seeds" in md
+    assert ("the best trained method, chosen by its validation score, is lora: test accuracy (%) "
+            "65.0 ± 5.0 over 3 seeds (its learning rate (0.001, of 2) chosen for each seed on "
+            "the other seeds' validation (cross-fit))") in md
     assert "3 of 10 runs ended with a validation metric below their untrained" in md
     assert "published study" not in md
     sig = pd.read_csv(paths["significance"])
@@ -100,7 +102,8 @@ def test_report_tables_figures_and_findings(study):
         assert (paths["figures"] / f"{name}.png").stat().st_size > 5000
         assert (paths["figures"] / f"{name}.svg").stat().st_size > 5000
     html = paths["html"].read_text()
-    assert html.count("data:image/png;base64,") == 3 and "<table" in html
+    assert (paths["figures"] / "search-sst2-n64.png").stat().st_size > 5000
+    assert html.count("data:image/png;base64,") == 4 and "<table" in html
 
 
 def test_failed_runs_are_listed_not_fatal(study):
@@ -109,14 +112,6 @@ def test_failed_runs_are_listed_not_fatal(study):
                                          "error": "RuntimeError: boom"})
     paths = write_report(study)
     assert "1 runs failed: sst2/lora/n64/lr0.1/seed0" in paths["markdown"].read_text()
-
-
-def test_holm_and_mean_ci():
-    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
-    mean, std, low, high = mean_ci(np.array([1.0, 2.0, 3.0]))
-    assert (mean, std) == (2.0, 1.0)
-    assert high - mean == pytest.approx(stats.t.ppf(0.975, 2) / np.sqrt(3))
-    assert np.isnan(mean_ci(np.array([5.0]))[2])
 
 
 def test_pareto_front():
@@ -152,63 +147,6 @@ def test_a_study_whose_runs_all_failed_gets_a_clear_error(tmp_path):
         write_report(tmp_path)
 
 
-# --- the test between methods carries seed and example variance (simulated studies) --------
-
-def simulate_null(rng, seed_sd_logit: float, n=872, seeds=3):
-    """Two equally good methods (per-example 0/100 scores, seeds x examples): each is right on
-    its own examples (a method effect per example, drawn afresh for each method, so neither is
-    better on average), and each seed shifts a method's accuracy (the seed-to-seed SD)."""
-    difficulty = rng.normal(1.0, 1.0, n)
-    out = []
-    for _ in range(2):
-        per_example = rng.normal(0.0, 1.5, n)
-        per_seed = rng.normal(0.0, seed_sd_logit, seeds)
-        z = difficulty + per_example + per_seed[:, None] + rng.normal(0.0, 0.2, (seeds, n))
-        out.append(100.0 * (z > 0))
-    return out
-
-
-@pytest.mark.parametrize("seed_sd,logit_sd", [(0.6, 0.01), (1.2, 0.055), (3.0, 0.16)])
-def test_two_equal_methods_are_called_different_about_5_percent_of_the_time(seed_sd, logit_sd):
-    """The issue's null: 872 examples, 3 seeds, seed-to-seed accuracy SDs of 0.6/1.2/3.0
-    points. Bootstrapping examples of seed-averaged scores (the old test) rejected far too
-    often once seeds vary; the crossed test stays near 0.05."""
-    rng = np.random.default_rng(2026)
-    rejected, rejected_old, sds = 0, 0, []
-    sims = 600
-    for _ in range(sims):
-        a, b = simulate_null(rng, logit_sd)
-        sds.append(a.mean(axis=1).std(ddof=1))
-        rejected += crossed_test(a - b).p_value < 0.05
-        # the old test: a paired t over examples of seed-averaged scores (the bootstrap's
-        # large-sample equivalent, without its 10,000 resamples per simulated study)
-        rejected_old += stats.ttest_rel(a.mean(0), b.mean(0)).pvalue < 0.05
-    assert np.sqrt(np.mean(np.square(sds))) == pytest.approx(seed_sd, abs=0.25)
-    assert 0.02 <= rejected / sims <= 0.08
-    if seed_sd == 3.0:
-        assert rejected_old / sims > 0.15  # the bug this test would have caught
-
-
-def test_crossed_test_reduces_to_known_tests():
-    rng = np.random.default_rng(5)
-    # one row (neither side depends on the seed): the paired t-test over examples
-    d = rng.normal(0.3, 2.0, (1, 200))
-    ours = crossed_test(d)
-    ref = stats.ttest_1samp(d[0], 0.0)
-    assert ours.p_value == pytest.approx(ref.pvalue, rel=1e-9) and ours.df == 199
-    # seed effects only (each example differs by the same amount within a seed): the
-    # t-test over the seeds' mean differences, 2 degrees of freedom
-    d = rng.normal(0.5, 1.0, (3, 1))[:, [0] * 50] + rng.normal(0, 1e-6, (3, 50))
-    ours = crossed_test(d)
-    ref = stats.ttest_1samp(d.mean(1), 0.0)
-    assert ours.df == pytest.approx(2, abs=0.01)
-    assert ours.p_value == pytest.approx(ref.pvalue, rel=1e-3)
-    assert ours.ci_low < d.mean() < ours.ci_high
-    identical = crossed_test(np.zeros((3, 10)))
-    assert identical.difference == 0 and identical.p_value == 1.0
-    assert np.isnan(holm([0.01, float("nan")])[1]) and holm([0.01, float("nan")])[0] == 0.01
-
-
 # --- what the report says, and how ---------------------------------------------------------
 
 def reference_study(tmp_path):
@@ -232,7 +170,9 @@ def test_findings_place_the_best_method_against_the_baselines(tmp_path):
     paths = write_report(reference_study(tmp_path))
     md = paths["markdown"].read_text()
     findings = md.split("## Findings")[1].split("\n## ")[0]
-    assert "the best trained method on test accuracy (%) is lora, 60.0 ± 5.0 over 3 seeds" in findings
+    assert ("the best trained method, chosen by its validation score, is lora: test accuracy (%) "
+            "60.0 ± 5.0 over 3 seeds (one configuration, learning rate 0.0003: nothing chosen)"
+            ) in findings
     assert "majority (100.0): -40.0" in findings
     assert "is not shown to be better than majority here" in findings
     assert "untuned (20.0): +40.0" in findings and "significantly higher" in findings
@@ -242,13 +182,16 @@ def test_findings_place_the_best_method_against_the_baselines(tmp_path):
     assert {frozenset(p) for p in zip(shown.a, shown.b)} == {
         frozenset(p) for p in (("full", "lora"), ("majority", "lora"), ("untuned", "lora"),
                                ("majority", "full"), ("untuned", "full"), ("majority", "untuned"))}
-    assert len(sig) == len(shown) == 6  # every unordered pair once; here each is shown
+    # the shown family (methods' reported configurations) and every pair of configurations
+    assert len(shown) == 6 and len(sig) == 12 and sig[~sig.shown].p_holm.isna().all()
+    assert {frozenset(p) for p in zip(shown.a, shown.b)} == {
+        frozenset(p) for p in zip(sig[~sig.shown].a, sig[~sig.shown].b)}
     majority = shown[(shown.a == "majority") & (shown.b == "lora")].iloc[0]
     assert majority.b_role == "best" and majority.difference == pytest.approx(40.0)
-    assert shown.p_holm.notna().all() and sig.p_holm_all_pairs.notna().all()
+    assert shown.p_holm.notna().all() and sig[~sig.shown].p_holm_all_pairs.notna().all()
     assert "### sst2: differences between methods" in md
     table = md.split("### sst2: differences between methods")[1]
-    assert "| n | method | test | vs best (lora) | vs full | vs untuned |" in table
+    assert "| n | method | configs searched | test | vs best (lora) | vs full | vs untuned |" in table
 
 
 def test_seed_counts_intervals_and_the_appendix_are_honest(tmp_path):
@@ -320,9 +263,10 @@ def test_packed_runs_memory_is_marked_as_their_packs_and_a_changing_best_is_mark
     """A packed run's memory is its pack's (one process held it); when the best trained
     method differs between training-set sizes, each size's best row says so."""
     for seed in (0, 1):
-        for size, lora_right in ((16, 12), (64, 8)):
+        for size, lora_right, lora_val in ((16, 12, 60), (64, 8, 50)):
             make_run(tmp_path, f"sst2/lora/n{size}/lr0.001/seed{seed}", method="lora",
-                     label="lora", lr=1e-3, seed=seed, val=60, per_example=correct(lora_right),
+                     label="lora", lr=1e-3, seed=seed, val=lora_val,
+                     per_example=correct(lora_right),
                      size=size, pack={"id": f"p{size}", "size": 2, "index": seed,
                                       "wall_time_s": 4.0})
             make_run(tmp_path, f"sst2/full/n{size}/lr0.0001/seed{seed}", method="full",
@@ -332,5 +276,155 @@ def test_packed_runs_memory_is_marked_as_their_packs_and_a_changing_best_is_mark
     assert "peak RSS MB (this run, or its pack) |" in md
     assert "| 10 (pack of 2) |" in md  # lora's row
     table = md.split("differences between methods")[1]
-    assert "| n | method | test | vs best trained of its n | vs full | vs untuned |" in table
+    assert ("| n | method | configs searched | test | vs best trained of its n | vs full | "
+            "vs untuned |") in table
     assert "| 16 | lora |" in table and "— (best)" in table
+
+
+# --- claims at the level they are stated --------------------------------------------------
+
+def test_the_best_method_is_the_validation_winner_even_when_test_ranks_otherwise(tmp_path):
+    """lora wins on validation, prompt on test: the report's best (and the reference every
+    method is tested against) is lora; the runner-up is prompt, also by validation."""
+    for seed in (0, 1, 2):
+        make_run(tmp_path, f"sst2/lora/n64/lr0.001/seed{seed}", method="lora", label="lora",
+                 lr=1e-3, seed=seed, val=80, per_example=correct(10 + seed))
+        make_run(tmp_path, f"sst2/prompt/n64/lr0.3/seed{seed}", method="prompt",
+                 label="prompt", lr=0.3, seed=seed, val=60, per_example=correct(16 + seed))
+    import pandas as pd
+
+    paths = write_report(tmp_path)
+    md = paths["markdown"].read_text()
+    assert "the best trained method, chosen by its validation score, is lora" in md
+    assert "Runner-up by validation prompt (85.0) against lora" in md
+    sig = pd.read_csv(paths["significance"])
+    shown = sig[sig.shown]
+    assert list(shown.b) == ["lora"] and list(shown.b_role) == ["best"]
+
+
+def test_below_three_seeds_nothing_is_tested_and_no_interval_is_printed(tmp_path):
+    for seed in (0, 1):
+        make_run(tmp_path, f"sst2/lora/n64/lr0.001/seed{seed}", method="lora", label="lora",
+                 lr=1e-3, seed=seed, val=80, per_example=correct(20))
+        make_run(tmp_path, f"sst2/full/n64/lr0.0001/seed{seed}", method="full", label="full",
+                 lr=1e-4, seed=seed, val=60, per_example=correct(2))
+    import pandas as pd
+
+    paths = write_report(tmp_path)
+    sig = pd.read_csv(paths["significance"])
+    assert sig.p_value.isna().all() and sig.ci_low.isna().all()
+    assert sig.difference.notna().all()  # the difference is still given
+    md = paths["markdown"].read_text()
+    assert "full (10.0): +90.0, not tested (2 seeds)" not in md  # full is not a reference
+    table = md.split("differences between methods")[1].split("## Appendix")[0]
+    assert "+90.0, not tested: 2 seeds" in table and "[" not in table.split("|---|")[-1]
+    assert "significant" not in md.split("## Findings")[1].split("## ")[0].replace(
+        "not significant", "")
+
+
+def test_the_reader_is_told_what_the_numbers_rest_on(tmp_path):
+    """The test split's origin, what the model is, the interval's scope, rates at the edge
+    of their grid, step-0 checkpoints, configurations searched and the detectable difference."""
+    import pandas as pd
+
+    for seed in (0, 1, 2):
+        for lr, val in ((1e-3, 80), (1e-2, 70)):
+            make_run(tmp_path, f"sst2/lora/n64/lr{lr:g}/seed{seed}", method="lora",
+                     label="lora", lr=lr, seed=seed, val=val + seed, per_example=correct(12))
+        for lr, val in ((1e-4, 50), (3e-4, 60), (1e-3, 55)):  # the middle rate wins
+            make_run(tmp_path, f"sst2/full/n64/lr{lr:g}/seed{seed}", method="full",
+                     label="full", lr=lr, seed=seed, val=val, per_example=correct(10 + seed))
+    paths = write_report(tmp_path)
+    md = paths["markdown"].read_text()
+    assert "## sst2: test accuracy (%) (test = GLUE dev)" in md
+    assert "the test split is the GLUE SST-2 dev set" in md
+    assert "Model: t5-tiny (peftlab's randomly initialised preset" in md
+    assert "Flan" not in md.split("## Findings")[0]
+    assert "over seeds with the test set held fixed" in md
+    headline = pd.read_csv(paths["headline"]).set_index("label")
+    assert headline.rate_at_edge["lora"] and not headline.rate_at_edge["full"]
+    assert headline.configs["lora"] == 2 and headline.configs["full"] == 3
+    table = md.split("## sst2")[1]
+    assert "lr 0.001†" in table and "lr 0.0003 " in table and "lr 0.0003†" not in table
+    assert "| lora | 100 | 100 | 9.09 | 2 |" in table  # rates tried
+    # the fixture's best step is 10: no step-0 marks; the differences show what they detect
+    assert "‡" not in table.split("\n\n")[1]
+    assert "detects ±" in md.split("differences between methods")[1]
+    sig = pd.read_csv(paths["significance"])
+    assert (sig.detectable > 0).all()
+
+
+def test_a_flan_model_is_said_to_have_seen_its_tasks():
+    from peftlab.report.notes import describe_model, overlaps
+
+    said = overlaps("google/flan-t5-small", ["samsum", "sst2"])
+    assert len(said) == 1 and "samsum and sst2" in said[0] and "not a zero-shot" in said[0]
+    assert overlaps("/models/flan-t5-base", ["sst2"]) and not overlaps("t5-small", ["sst2"])
+    assert not overlaps("google/flan-t5-small", ["custom"])
+    assert describe_model("google/flan-t5-small") == "google/flan-t5-small"
+
+
+def test_a_configuration_that_reports_its_untrained_checkpoint_is_marked_and_counted(tmp_path):
+    for seed in (0, 1, 2):
+        make_run(tmp_path, f"sst2/ia3/n64/lr0.003/seed{seed}", method="ia3", label="ia3",
+                 lr=3e-3, seed=seed, val=50, per_example=correct(9))
+        summary = tmp_path / f"sst2/ia3/n64/lr0.003/seed{seed}/summary.json"
+        import json
+
+        data = json.loads(summary.read_text())
+        data["best_step"] = 0 if seed < 2 else 10
+        summary.write_text(json.dumps(data))
+    md = write_report(tmp_path)["markdown"].read_text()
+    assert "45.0 ± 0.0" in md and "lr 0.003 ‡2/3" in md
+    assert ("1 of 1 reported trained configurations report a step-0 checkpoint for some "
+            "seeds") in md and "sst2 ia3 n=64 (2/3)" in md
+
+
+def test_series_that_coincide_are_named_in_the_legend(tmp_path):
+    """Two methods with the same curves would hide one under the other: the legend says so."""
+    for seed in (0, 1):
+        for method in ("ia3", "ln"):
+            make_run(tmp_path, f"sst2/{method}/n64/lr0.003/seed{seed}", method=method,
+                     label=method, lr=3e-3, seed=seed, val=50, per_example=correct(9))
+    figures = write_report(tmp_path)["figures"]
+    curves = (figures / "curves-sst2-n64.svg").read_text()
+    assert "(same values as ia3)" in curves and "first logged at step 10" in curves
+    assert "(same values as ia3)" in (figures / "scaling-sst2.svg").read_text()
+
+
+def test_metric_labels_give_the_scale():
+    from peftlab.report import metric_label
+
+    assert metric_label("rougeLsum", short=True) == "ROUGE-Lsum F1 (0-100)"
+    assert "0-100" in metric_label("rougeLsum") and metric_label("accuracy") == "accuracy (%)"
+
+
+def test_selection_rule_comes_from_the_study_file_or_the_command(tmp_path):
+    from peftlab.errors import PeftlabError
+    from peftlab.report import study_selection
+
+    assert study_selection(tmp_path) == "cross-fit"
+    (tmp_path / "study.yaml").write_text("name: s\nselection: grid\n")
+    assert study_selection(tmp_path) == "grid"
+    assert study_selection(tmp_path, "cross-fit") == "cross-fit"
+    with pytest.raises(PeftlabError, match="selection 'best' is not one of cross-fit, grid"):
+        study_selection(tmp_path, "best")
+
+
+def test_a_completed_run_without_a_finite_test_score_is_named(tmp_path):
+    import json
+
+    for seed in (0, 1, 2):
+        make_run(tmp_path, f"sst2/lora/n64/lr0.001/seed{seed}", method="lora", label="lora",
+                 lr=1e-3, seed=seed, val=80, per_example=correct(10))
+    summary = tmp_path / "sst2/lora/n64/lr0.001/seed1/summary.json"
+    data = json.loads(summary.read_text())
+    data["test_metrics"]["accuracy"] = float("nan")
+    summary.write_text(json.dumps(data))
+    paths = write_report(tmp_path)
+    md = paths["markdown"].read_text()
+    assert ("1 completed runs have no finite test score and count no seed: "
+            "sst2/lora/n64/lr0.001/seed1") in md
+    import pandas as pd
+
+    assert pd.read_csv(paths["headline"]).set_index("label").seeds["lora"] == 2

@@ -53,6 +53,17 @@ def test_samsum_drops_empty_and_overlapping_training_dialogues():
     assert len(splits.test) == 819
 
 
+def test_samsum_validation_drops_dialogues_that_are_also_in_test():
+    """SAMSum's validation and test share 4 dialogues (e.g. validation 13727839 and test
+    13809965): with val_size all, none of them may select a checkpoint or a rate."""
+    splits = prepare_splits(build_task("samsum", {}), 16, "all", "all", seed=0)
+    test_texts = {ex.text for ex in splits.test}
+    assert not test_texts & {ex.text for ex in splits.validation}
+    assert splits.notes["validation_dropped_overlap_with_test"] == 4
+    assert len(splits.validation) == 818 - 4
+    assert "13727839" not in {ex.id for ex in splits.validation}
+
+
 def test_train_size_larger_than_the_data_is_a_clear_error(sst2):
     from peftlab.errors import ConfigError
 
@@ -206,3 +217,47 @@ def test_custom_classification_task_from_csv(tmp_path):
     (tmp_path / "t.csv").write_text("text,label\nsomething,maybe\n")
     with pytest.raises(DataError, match=r"t.csv:2: label 'maybe' is not one of"):
         task.load()
+
+
+@pytest.mark.parametrize("id_column", ["key", None])
+def test_duplicate_ids_in_a_custom_split_are_refused_naming_the_lines(tmp_path, id_column):
+    """The report pairs examples by id: a repeated id is refused at load time with the
+    file, the id and both lines (without an id column, rows are numbered and cannot repeat)."""
+    (tmp_path / "d.csv").write_text("key,text,label\n" + "".join(
+        f"k{i},example {i},yes\n" for i in range(8)))
+    (tmp_path / "t.csv").write_text("key,text,label\na,one,yes\nb,two,no\na,three,no\n")
+    task = build_task("custom", {
+        "kind": "classification", "train": str(tmp_path / "d.csv"),
+        "test": str(tmp_path / "t.csv"), "input_column": "text", "target_column": "label",
+        "label_words": {"no": "negative", "yes": "positive"},
+        **({"id_column": id_column} if id_column else {})})
+    if id_column:
+        with pytest.raises(DataError, match=r"t.csv:4: id 'a' again \(first at .*t.csv:2\)"):
+            task.load()
+    else:
+        assert [ex.id for ex in task.load().test] == ["test-0", "test-1", "test-2"]
+
+
+def _custom(tmp_path, train_rows: str, test_rows: str):
+    (tmp_path / "train.csv").write_text("text,label\n" + train_rows)
+    (tmp_path / "test.csv").write_text("text,label\n" + test_rows)
+    return build_task("custom", {
+        "kind": "classification", "train": str(tmp_path / "train.csv"),
+        "test": str(tmp_path / "test.csv"), "input_column": "text", "target_column": "label",
+        "label_words": {"no": "negative", "yes": "positive"}})
+
+
+def test_training_data_that_is_all_test_data_says_so(tmp_path):
+    rows = "".join(f"example {i},{'yes' if i % 2 else 'no'}\n" for i in range(10))
+    with pytest.raises(DataError, match="every training example is also a test example"):
+        prepare_splits(_custom(tmp_path, rows, rows), 4, 2, "all", seed=0)
+
+
+def test_a_training_file_too_small_to_give_validation_says_why(tmp_path):
+    from peftlab.errors import ConfigError
+
+    task = _custom(tmp_path, "only one,yes\n", "a test,no\n")
+    with pytest.raises(ConfigError, match=r"`val_size` is 2, but with no validation file "
+                                          r"validation is drawn from the 1 training examples, "
+                                          r"leaving 0 to train on"):
+        prepare_splits(task, 1, 2, "all", seed=0)

@@ -42,9 +42,11 @@ from peftlab.records import (
     METRICS,
     PREDICTIONS,
     SUMMARY,
+    has_checkpoints,
     quarantine,
     read_json,
     record_problem,
+    remove_checkpoints,
     remove_run_files,
     temporaries,
 )
@@ -122,6 +124,10 @@ class StudyConfig(BaseModel):
     pack: int = Field(1, ge=1, description="runs trained together on one copy of the base "
                       "model (peftlab.pack): cells that differ only in seed, learning rate and "
                       "train size, of a method that can be packed; 1: every run alone")
+    selection: Literal["cross-fit", "grid"] = Field(
+        "cross-fit", description="how the report chooses each method's rate and size on "
+        "validation: cross-fit (each seed's run by the other seeds' validation) or grid (one "
+        "choice by the mean over all seeds); peftlab.report.select")
 
     @field_validator("name")
     @classmethod
@@ -281,6 +287,11 @@ def plan(cells: list[Cell], retry_failed: bool = False, rerun_changed: bool = Fa
     for cell in cells:
         folder = Path(cell.config.output_dir)
         if not (folder / SUMMARY).exists():
+            unreadable = _unreadable_config(folder)
+            if unreadable:  # an unfinished run whose settings cannot be known: start afresh
+                out.corrupt.append((cell, unreadable))
+                out.todo.append(cell)
+                continue
             diff = _changes(folder, cell)
             if diff:
                 out.changed.append((cell, diff))
@@ -310,6 +321,17 @@ def plan(cells: list[Cell], retry_failed: bool = False, rerun_changed: bool = Fa
     return out
 
 
+def _unreadable_config(folder: Path) -> str | None:
+    """Why the run's config.yaml cannot be read (naming it), or None (readable or absent)."""
+    if not (folder / CONFIG).is_file():
+        return None
+    try:
+        read_yaml_mapping(folder / CONFIG)
+    except ConfigError as e:
+        return f"{folder / CONFIG}: unreadable ({e})"
+    return None
+
+
 def _changes(folder: Path, cell: Cell) -> list[str]:
     """How the run in `folder` was configured differently from `cell` (locations aside)."""
     if not (folder / CONFIG).is_file():
@@ -327,6 +349,9 @@ def apply(p: Plan) -> None:
     from finished runs."""
     for cell, _ in p.corrupt:
         folder = Path(cell.config.output_dir)
+        if _unreadable_config(folder):  # its checkpoints cannot be tied to settings: dropped
+            quarantine(folder / CONFIG)
+            remove_checkpoints(folder)
         for name in (SUMMARY, METRICS, PREDICTIONS):
             if (folder / name).is_file():
                 quarantine(folder / name)
@@ -336,15 +361,25 @@ def apply(p: Plan) -> None:
         (Path(cell.config.output_dir) / SUMMARY).unlink(missing_ok=True)
 
 
-def clean_finished(cells: list[Cell]) -> None:
-    """Temporary files a SIGKILL left in finished runs (those with no live writer)."""
+def clean_finished(cells: list[Cell]) -> list[str]:
+    """What a kill left in finished runs (those with no live writer): temporary files, and
+    training checkpoints (weights and optimizer state) kept by a kill between summary.json
+    and their removal. Returns the keys of the runs whose checkpoints were removed."""
+    removed = []
     for cell in cells:
         folder = Path(cell.config.output_dir)
-        if (folder / SUMMARY).exists() and temporaries(folder):
-            with run_lock(folder) as holder:
-                if holder is None:
-                    for tmp in temporaries(folder):
-                        tmp.unlink(missing_ok=True)
+        if not (folder / SUMMARY).exists():
+            continue
+        if not (temporaries(folder) or has_checkpoints(folder)):
+            continue
+        with run_lock(folder) as holder:
+            if holder is None:
+                for tmp in temporaries(folder):
+                    tmp.unlink(missing_ok=True)
+                if has_checkpoints(folder):
+                    remove_checkpoints(folder)
+                    removed.append(cell.key)
+    return removed
 
 
 def pending(cells: list[Cell], retry_failed: bool) -> list[Cell]:
@@ -501,6 +536,15 @@ def threads_per_worker(workers: int) -> int:
     return max(1, (os.cpu_count() or 1) // workers)
 
 
+def worker_gpus(gpus: int) -> list[str]:
+    """The GPUs workers are pinned to, as CUDA_VISIBLE_DEVICES names them: the parent's own
+    list when it has one (`CUDA_VISIBLE_DEVICES=2,3`: the workers get 2 and 3, not 0 and 1),
+    else the indices."""
+    inherited = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+                 if d.strip()]
+    return inherited[:gpus] if len(inherited) >= gpus else [str(i) for i in range(gpus)]
+
+
 def gpu_count() -> int:
     import torch
 
@@ -567,8 +611,9 @@ def execute(cells: list[Cell], workers: int = 1, backend: Literal["local", "ray"
         queue = None
         if gpus:
             queue = ctx.Queue()  # handed over at spawn: no manager process to outlive us
+            visible = worker_gpus(gpus)
             for i in range(workers):
-                queue.put(i % gpus)  # runs_per_gpu workers per GPU
+                queue.put(visible[i % gpus])  # runs_per_gpu workers per GPU
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                  initargs=(queue, os.getpid())) as pool:
             futures = {pool.submit(run_cells, *arguments(g), pack_id=pack_name(g)): g

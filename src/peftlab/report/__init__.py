@@ -12,11 +12,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from peftlab.errors import PeftlabError
 from peftlab.files import atomic_write_text
 from peftlab.memory import KIND_LABELS
-from peftlab.report import figures
+from peftlab.report import figures, notes
 from peftlab.report.load import (
     example_scores,
     expand_shared,
@@ -25,22 +26,30 @@ from peftlab.report.load import (
     select_learning_rates,
     train_sizes,
 )
-from peftlab.report.stats import TEST_NAME, Comparison, crossed_test, holm, mean_ci
+from peftlab.report.select import (
+    DEFAULT_SELECTION,
+    SELECTIONS,
+    best_configs,
+    expected_best,
+    headline_table,
+    top_trained,
+)
+from peftlab.report.stats import MIN_SEEDS, POWER, TEST_NAME, Comparison, crossed_test, holm, untested
 
 REFERENCES = figures.REFERENCE_METHODS
-MIN_SEEDS_FOR_CI = 3  # a t-interval from 2 seeds (1 df) is 12.7 standard errors wide
 METRIC_LABELS = {
     "accuracy": "accuracy (%)",
     "generation_exact_match": "exact match of free generation (%)",
-    "rouge1": "ROUGE-1 F1", "rouge2": "ROUGE-2 F1", "rougeL": "ROUGE-L F1 (sentence-level)",
-    "rougeLsum": "ROUGE-Lsum F1 (summary-level, the papers' R-L)",
+    "rouge1": "ROUGE-1 F1 (0-100)", "rouge2": "ROUGE-2 F1 (0-100)",
+    "rougeL": "ROUGE-L F1 (sentence-level, 0-100)",
+    "rougeLsum": "ROUGE-Lsum F1 (summary-level, the papers' R-L, 0-100)",
     "loss": "loss",
 }
 
 
 SHORT_LABELS = {"accuracy": "accuracy (%)", "generation_exact_match": "exact match (%)",
-                "rougeLsum": "ROUGE-Lsum", "rougeL": "ROUGE-L", "rouge1": "ROUGE-1",
-                "rouge2": "ROUGE-2"}
+                "rougeLsum": "ROUGE-Lsum F1 (0-100)", "rougeL": "ROUGE-L F1 (0-100)",
+                "rouge1": "ROUGE-1 F1 (0-100)", "rouge2": "ROUGE-2 F1 (0-100)"}
 
 
 def metric_label(metric: str, short: bool = False) -> str:
@@ -48,57 +57,13 @@ def metric_label(metric: str, short: bool = False) -> str:
     return (SHORT_LABELS if short else METRIC_LABELS).get(metric, metric)
 
 
-def headline_table(view: pd.DataFrame) -> pd.DataFrame:
-    """Per (task, train size, method+size): the selected rate's test mean +- std and 95% CI
-    over the seeds whose score is finite (a diverged run with no finite score counts none)."""
-    rows = []
-    chosen = view[view.selected]
-    for (task, size, label), g in chosen.groupby(["task", "train_size", "label"], dropna=False):
-        scores = g.test_score.to_numpy(dtype=float)
-        finite = np.isfinite(scores)
-        mean, std, low, high = mean_ci(scores)
-        first = g.iloc[0]
-        if finite.sum() < MIN_SEEDS_FOR_CI:
-            low = high = math.nan
-        elif first.metric != "loss":  # every other metric is a percentage: 0 to 100
-            low, high = max(low, 0.0), min(high, 100.0)
-        rows.append({
-            "task": task, "train_size": size, "label": label, "method_name": first.method_name,
-            "method": first.method, "size_knob": first.size_knob, "size_value": first.size_value,
-            "lr": first.learning_rate if pd.notna(first.learning_rate) else math.nan,
-            "metric": first.metric, "higher_is_better": bool(first.higher_is_better),
-            "seeds": int(finite.sum()), "test_mean": mean, "test_std": std, "ci_low": low,
-            "ci_high": high, "val_mean": float(g.val_score.mean()),
-            "trainable_params": int(first.trainable_params or 0),
-            "trained_params": int(first.trained_params or 0),
-            "trainable_percent": float(first.trainable_percent or 0.0),
-            "wall_time_s": float(g.wall_time_s.mean()),
-            "peak_memory_mb": float(g.peak_memory_mb.mean()),
-            "peak_memory_kind": str(first.peak_memory_kind),
-            "pack_size": int(g.pack_size.max()) if "pack_size" in g else 1,
-            "diverged": int((g.status == "diverged").sum()),
-            "seedless": bool(first.shared_across_sizes),
-            "keys": list(g.key[finite]), "run_seeds": list(g.seed[finite]),
-            "run_scores": list(scores[finite]),
-        })
-    return pd.DataFrame(rows)
-
-
-def top_trained(best: pd.DataFrame) -> pd.Series | None:
-    """The best trained method's configuration by test mean (None if none trained)."""
-    trained = best[~best.method_name.isin(REFERENCES) & best.test_mean.notna()]
-    if trained.empty:
-        return None
-    higher = bool(trained.higher_is_better.iloc[0])
-    return trained.sort_values("test_mean", ascending=not higher).iloc[0]
-
-
 def reference_roles(best: pd.DataFrame) -> dict[str, list[str]]:
-    """label -> roles: the configurations every method is compared against in the report."""
+    """label -> roles: the configurations every method is compared against in the report (the
+    best trained method is chosen on validation)."""
     roles: dict[str, list[str]] = {}
-    top = top_trained(best)
-    if top is not None:
-        roles.setdefault(top.label, []).append("best")
+    ranked = top_trained(best, REFERENCES)
+    if len(ranked):
+        roles.setdefault(ranked.iloc[0].label, []).append("best")
     for name in ("full", "untuned"):
         rows = best[best.method_name == name]
         if len(rows):
@@ -106,19 +71,13 @@ def reference_roles(best: pd.DataFrame) -> dict[str, list[str]]:
     return roles
 
 
-def _seed_scores(study_dir: Path, row: pd.Series) -> dict[Any, dict[str, float]]:
-    """{seed: {example id: score}} of one configuration's runs (finite test scores only)."""
-    return {seed: example_scores(study_dir, key, row.metric, score)
-            for key, seed, score in zip(row["keys"], row["run_seeds"], row["run_scores"])}
-
-
 def compare(a: dict, a_seedless: bool, b: dict, b_seedless: bool) -> Comparison:
     """The crossed test between two configurations, paired by seed and test example.
 
     A configuration that depends on no seed (untuned, lead-3) is the same run for every seed
     of the other. Two that both depend on it are paired on the seeds they share (the same seed
-    draws the same training sample); fewer than 2 shared seeds leave the seed variance
-    unknown, and the comparison untested (NaN).
+    draws the same training sample). Below MIN_SEEDS seeds the seed variance is too poorly
+    known for a test (with 2 seeds, one degree of freedom): the difference is given, untested.
     """
     if a_seedless and b_seedless:
         pairs = [(next(iter(a.values())), next(iter(b.values())))]
@@ -128,54 +87,70 @@ def compare(a: dict, a_seedless: bool, b: dict, b_seedless: bool) -> Comparison:
         pairs = [(a[s], next(iter(b.values()))) for s in sorted(a)]
     else:
         pairs = [(a[s], b[s]) for s in sorted(set(a) & set(b))]
-    if not pairs or (len(pairs) < 2 and not (a_seedless and b_seedless)):
-        return Comparison(math.nan, math.nan, math.nan, math.nan, math.nan, len(pairs), 0)
+    if not pairs:
+        return untested(math.nan, 0, 0)
     ids = sorted(set.intersection(*(set(x) & set(y) for x, y in pairs)))
     d = np.array([[x[i] - y[i] for i in ids] for x, y in pairs])
+    if len(pairs) < MIN_SEEDS and not (a_seedless and b_seedless):
+        return untested(float(d.mean()) if d.size else math.nan, len(pairs), len(ids))
     return crossed_test(d)
+
+
+class _Scores:
+    """{seed: {example id: score}} per reported configuration, each run's file read once."""
+
+    def __init__(self, study_dir: Path):
+        self.study_dir, self.cache = study_dir, {}
+
+    def __call__(self, row: pd.Series) -> dict[Any, dict[str, float]]:
+        out = {}
+        for key, seed, score in zip(row["keys"], row["run_seeds"], row["run_scores"]):
+            if key not in self.cache:
+                self.cache[key] = example_scores(self.study_dir, key, row.metric, score)
+            out[seed] = self.cache[key]
+        return out
+
+
+def _comparison_row(scores: _Scores, a: pd.Series, b: pd.Series, roles: list[str]) -> dict:
+    c = compare(scores(a), a.seedless, scores(b), b.seedless)
+    if a.metric != "loss":  # two 0-100 scores differ by -100..100
+        c = replace(c, ci_low=max(c.ci_low, -100.0), ci_high=min(c.ci_high, 100.0))
+    return {"task": a.task, "train_size": a.train_size, "a": a.label, "b": b.label,
+            "b_role": ", ".join(roles), "shown": bool(roles), "metric": a.metric,
+            "difference": c.difference, "ci_low": c.ci_low, "ci_high": c.ci_high,
+            "p_value": c.p_value, "df": c.df, "seeds": c.seeds, "examples": c.examples,
+            "detectable": c.detectable}
 
 
 def significance_table(study_dir: Path, headline: pd.DataFrame, best: pd.DataFrame
                        ) -> pd.DataFrame:
-    """Every pair of configurations per task and size, with the crossed test; `shown` marks
-    the family the report presents and its findings use: each method's best configuration
-    against the best trained method, against full fine-tuning and against the untuned model,
-    Holm-adjusted within that family (`p_holm`); `p_holm_all_pairs` adjusts over every pair."""
+    """Per task and size, two families of the crossed test. `shown`: each method's reported
+    configuration against the best trained method (chosen on validation), full fine-tuning
+    and the untuned model, Holm-adjusted within that family (`p_holm`); the report's claims
+    come from it. Not shown: every pair of configurations (method x size), Holm-adjusted over
+    all of them (`p_holm_all_pairs`)."""
     rows = []
+    scores = _Scores(study_dir)
     for (task, size), variants in headline.groupby(["task", "train_size"]):
         chosen = best[(best.task == task) & (best.train_size == size)]
-        scores = {r.label: _seed_scores(study_dir, r) for _, r in variants.iterrows()}
-        seedless = dict(zip(variants.label, variants.seedless))
+        by_label = {r.label: r for _, r in chosen.iterrows()}
         roles = reference_roles(chosen)
         shown: dict[tuple[str, str], list[str]] = {}
         for method in chosen.label:
             for ref, ref_roles in roles.items():
                 if method != ref and (ref, method) not in shown:
                     shown[(method, ref)] = ref_roles
-        pairs = dict(shown)
-        for a, b in itertools.combinations(sorted(variants.label), 2):
-            if (a, b) not in pairs and (b, a) not in pairs:
-                pairs[(a, b)] = []
-        family = []
-        bounded = variants.metric.iloc[0] != "loss"  # two 0-100 scores differ by -100..100
-        for (a, b), ref_roles in pairs.items():
-            c = compare(scores[a], seedless[a], scores[b], seedless[b])
-            if bounded:
-                c = replace(c, ci_low=max(c.ci_low, -100.0), ci_high=min(c.ci_high, 100.0))
-            family.append({
-                "task": task, "train_size": size, "a": a, "b": b, "b_role": ", ".join(ref_roles),
-                "shown": bool(ref_roles), "metric": variants.metric.iloc[0],
-                "difference": c.difference, "ci_low": c.ci_low, "ci_high": c.ci_high,
-                "p_value": c.p_value, "df": c.df, "seeds": c.seeds, "examples": c.examples})
+        family = [_comparison_row(scores, by_label[a], by_label[b], r)
+                  for (a, b), r in shown.items()]
         for row, adjusted in zip(family, holm([r["p_value"] for r in family])):
-            row["p_holm_all_pairs"] = adjusted
-        displayed = [r for r in family if r["shown"]]
-        for row, adjusted in zip(displayed, holm([r["p_value"] for r in displayed])):
-            row["p_holm"] = adjusted
-        for row in family:
-            row.setdefault("p_holm", math.nan)
-            row["significant"] = bool(row["p_holm"] < 0.05) if row["shown"] else None
-        rows.extend(family)
+            row.update(p_holm=adjusted, p_holm_all_pairs=math.nan,
+                       significant=bool(adjusted < 0.05))
+        configs = {r.label: r for _, r in variants.iterrows()}
+        pairs = [_comparison_row(scores, configs[a], configs[b], [])
+                 for a, b in itertools.combinations(sorted(variants.label), 2)]
+        for row, adjusted in zip(pairs, holm([r["p_value"] for r in pairs])):
+            row.update(p_holm=math.nan, p_holm_all_pairs=adjusted, significant=None)
+        rows += family + pairs
     return pd.DataFrame(rows)
 
 
@@ -190,20 +165,27 @@ def _lr(v: Any) -> str:
     return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:g}"
 
 
+EDGE_MARK, STEP0_MARK = "†", "‡"
+
+
 def _cell(row: pd.Series, seeds: int) -> str:
     if row.seedless:  # one run that no seed changes (untuned, lead-3): no spread to show
         return f"{_fmt(row.test_mean)} (one run)"
     text = f"{_fmt(row.test_mean)} ± {_fmt(row.test_std)}"
     if not math.isnan(row.ci_low):
         text += f" [{_fmt(row.ci_low)}, {_fmt(row.ci_high)}]"
-    if not row.seedless and row.seeds != seeds:
+    if row.seeds != seeds:
         text += f" ({row.seeds} seeds)"
+    if row.lrs != "—":
+        text += f" lr {row.lrs}" + (EDGE_MARK if row.rate_at_edge else "")
+    if row.best_step0 and row.lrs != "—":  # a trained configuration that chose step 0
+        text += f" {STEP0_MARK}{row.best_step0}/{row.seeds}"
     return text
 
 
 def _verdict(p: pd.Series) -> str:
     if math.isnan(p.p_holm):
-        return "not tested (fewer than 2 shared seeds)"
+        return f"not tested ({p.seeds} seed{'s' if p.seeds != 1 else ''})"
     if not p.significant:
         return "not significant"
     return "significantly higher" if p.difference > 0 else "significantly lower"
@@ -211,14 +193,15 @@ def _verdict(p: pd.Series) -> str:
 
 def _difference(p: pd.Series) -> str:
     if math.isnan(p.p_holm):
-        return f"{p.difference:+.1f}, not tested"
+        return f"{p.difference:+.1f}, {_verdict(p)}"
     return (f"{p.difference:+.1f} (95% CI [{p.ci_low:+.1f}, {p.ci_high:+.1f}], unadjusted; "
-            f"Holm-adjusted p = {p.p_holm:.2g}, {_verdict(p)})")
+            f"Holm-adjusted p = {p.p_holm:.2g}, {_verdict(p)}; smallest difference detectable "
+            f"at {POWER:.0%} power: {p.detectable:.1f})")
 
 
 def _pair(sig: pd.DataFrame, task: str, size: Any, a: str, b: str) -> pd.Series | None:
     """The shown comparison of a against b, oriented a - b."""
-    rows = sig[(sig.task == task) & (sig.train_size == size) & sig.shown]
+    rows = sig[(sig.task == task) & (sig.train_size == size) & sig.shown.astype(bool)]
     hit = rows[(rows.a == a) & (rows.b == b)]
     if len(hit):
         return hit.iloc[0]
@@ -231,20 +214,38 @@ def _pair(sig: pd.DataFrame, task: str, size: Any, a: str, b: str) -> pd.Series 
     return None
 
 
+def _chosen_how(top: pd.Series, view: pd.DataFrame, selection: str) -> str:
+    """What was chosen on validation for a method's reported configuration, and only that."""
+    runs = view[(view.task == top.task) & (view.train_size == top.train_size)
+                & (view.method_name == top.method_name)]
+    sizes, rates = runs.label.nunique(), runs.learning_rate.nunique()
+    chosen = [f"its size (of {sizes})"] if sizes > 1 else []
+    if rates > 1:
+        chosen.append(f"its learning rate ({top.lrs}, of {rates})")
+    if not chosen:
+        return f"one configuration, learning rate {top.lrs}: nothing chosen"
+    how = ("for each seed on the other seeds' validation (cross-fit)"
+           if selection == "cross-fit" and top.seeds > 1 else "on validation")
+    return f"{' and '.join(chosen)} chosen {how}"
+
+
 def findings(runs: pd.DataFrame, best: pd.DataFrame, sig: pd.DataFrame,
-             missing: list[str]) -> list[str]:
+             missing: list[str], view: pd.DataFrame | None = None,
+             selection: str = DEFAULT_SELECTION) -> list[str]:
     """Sentences generated from the numbers, about this study only; each claim of a
     difference comes from the shown family of tests (crossed test, Holm-adjusted)."""
+    view = runs if view is None else view
     out = []
     for (task, size), g in best.groupby(["task", "train_size"]):
-        top = top_trained(g)
-        if top is None:
+        ranked = top_trained(g, REFERENCES)
+        if ranked.empty:
             continue
+        top = ranked.iloc[0]
         metric = metric_label(top.metric)
-        text = (f"{task}, {size} training examples: the best trained method on test {metric} "
-                f"is {top.label}, {_fmt(top.test_mean)} ± {_fmt(top.test_std)} over "
-                f"{top.seeds} seeds (its size and its learning rate, {_lr(top.lr)}, chosen on "
-                "validation).")
+        text = (f"{task}, {size} training examples: the best trained method, chosen by its "
+                f"validation score, is {top.label}: test {metric} {_fmt(top.test_mean)} ± "
+                f"{_fmt(top.test_std)} "
+                f"over {top.seeds} seeds ({_chosen_how(top, view, selection)}).")
         higher = bool(top.higher_is_better)
         refs = g[g.method_name.isin(REFERENCES)].sort_values("test_mean", ascending=not higher)
         phrases, not_above = [], []
@@ -253,20 +254,19 @@ def findings(runs: pd.DataFrame, best: pd.DataFrame, sig: pd.DataFrame,
             if p is None:
                 continue
             phrases.append(f"{ref.label} ({_fmt(ref.test_mean)}): {_difference(p)}")
-            if not (p.significant and (p.difference > 0) == higher):
+            if not (p.significant is True and (p.difference > 0) == higher):
                 not_above.append(ref.label)
         if phrases:
             text += " Against the untuned model and the baselines: " + "; ".join(phrases) + "."
         if not_above:
             text += (f" So {top.label}, the best trained method, is not shown to be better than "
                      f"{' or '.join(not_above)} here.")
-        trained = g[~g.method_name.isin(REFERENCES) & (g.label != top.label)]
-        if len(trained):
-            second = trained.sort_values("test_mean", ascending=not higher).iloc[0]
+        if len(ranked) > 1:
+            second = ranked.iloc[1]
             p = _pair(sig, task, size, second.label, top.label)
             if p is not None:
-                text += (f" Runner-up {second.label} ({_fmt(second.test_mean)}) against "
-                         f"{top.label}: {_difference(p)}.")
+                text += (f" Runner-up by validation {second.label} "
+                         f"({_fmt(second.test_mean)}) against {top.label}: {_difference(p)}.")
         out.append(text)
         untuned = g[g.method_name == "untuned"]
         if not untuned.empty:
@@ -274,11 +274,24 @@ def findings(runs: pd.DataFrame, best: pd.DataFrame, sig: pd.DataFrame,
             hurt = []
             for _, r in g[~g.method_name.isin(REFERENCES)].iterrows():
                 p = _pair(sig, task, size, r.label, level.label)
-                if p is not None and p.significant and (p.difference < 0) == higher:
+                if p is not None and p.significant is True and (p.difference < 0) == higher:
                     hurt.append(f"{r.label} ({p.difference:+.1f})")
             if hurt:
                 out.append(f"{task}, {size} examples: significantly below the untuned model "
                            f"({_fmt(level.test_mean)}) after training: {', '.join(hurt)}.")
+    trained = best[~best.method_name.isin(REFERENCES)]
+    step0 = trained[trained.best_step0 > 0]
+    if len(step0):
+        names = ", ".join(f"{r.task} {r.label} n={r.train_size} ({r.best_step0}/{r.seeds})"
+                          for r in step0.itertuples())
+        out.append(f"{len(step0)} of {len(trained)} reported trained configurations report "
+                   f"a step-0 checkpoint for some seeds (validation chose the untrained model; "
+                   f"{STEP0_MARK} in the tables): {names}.")
+    edge = trained[trained.rate_at_edge]
+    if len(edge):
+        out.append(f"{len(edge)} of {len(trained)} reported trained configurations use the "
+                   f"smallest or largest learning-rate candidate ({EDGE_MARK} in the tables): "
+                   "the best rate may lie outside the grid.")
     flags = runs.get("flag_loss_fell_metric_fell")
     flagged = runs[flags.fillna(False).astype(bool)] if flags is not None else runs.iloc[:0]
     if len(flagged):
@@ -288,6 +301,11 @@ def findings(runs: pd.DataFrame, best: pd.DataFrame, sig: pd.DataFrame,
     else:
         out.append("No run ended with its validation metric below its step-0 value while its "
                    "training loss fell.")
+    nan_test = runs[(runs.status == "completed") & runs.metric.notna()
+                    & ~np.isfinite(runs.test_score.astype(float))]
+    if len(nan_test):
+        out.append(f"{len(nan_test)} completed runs have no finite test score and count no "
+                   f"seed: {', '.join(nan_test.key.head(12))}.")
     for status in ("diverged", "failed"):
         bad = runs[runs.status == status]
         if len(bad):
@@ -326,12 +344,12 @@ def display_headline(headline: pd.DataFrame, task: str, sizes: list) -> pd.DataF
         row: dict[str, Any] = {"method": label,
                                "trainable (inference)": f"{first.trainable_params:,}",
                                "trained (training)": f"{first.trained_params:,}",
-                               "% of total": f"{first.trainable_percent:.3g}"}
+                               "% of total": f"{first.trainable_percent:.3g}",
+                               "rates tried": int(g.configs.max()) if g.lrs.ne("—").any()
+                               else "—"}
         for size in sizes:
             cell = g[g.train_size == size]
             row[f"n={size}"] = _cell(cell.iloc[0], seeds) if len(cell) else ""
-            if len(cell) and not math.isnan(cell.iloc[0].lr):
-                row[f"n={size}"] += f" lr {_lr(cell.iloc[0].lr)}"
         row["wall s/run"] = _fmt(g.wall_time_s.mean())
         row[memory] = _fmt(g.peak_memory_mb.mean(), 0)
         packed = int(g.pack_size.max()) if "pack_size" in g else 1
@@ -341,9 +359,18 @@ def display_headline(headline: pd.DataFrame, task: str, sizes: list) -> pd.DataF
     return pd.DataFrame(rows)
 
 
+def _comparison_text(p: pd.Series) -> str:
+    if math.isnan(p.p_holm):
+        return f"{p.difference:+.1f}, {_verdict(p).replace(' (', ': ').rstrip(')')}"
+    text = (f"{p.difference:+.1f} [{p.ci_low:+.1f}, {p.ci_high:+.1f}] p={p.p_holm:.2g}, "
+            f"detects ±{p.detectable:.1f}")
+    return f"**{text}**" if p.significant is True else text
+
+
 def display_significance(sig: pd.DataFrame, best: pd.DataFrame, task: str) -> pd.DataFrame:
-    """One row per method and size: its difference against the best trained method, full
-    fine-tuning and the untuned model; significant ones (Holm) in bold."""
+    """One row per method and size: the configurations it searched, and its difference
+    against the best trained method, full fine-tuning and the untuned model; significant
+    ones (Holm) in bold."""
     rows = []
     groups = list(best[best.task == task].groupby(["task", "train_size"]))
     bests = {next((label for label, rs in reference_roles(g).items() if "best" in rs), None)
@@ -357,7 +384,8 @@ def display_significance(sig: pd.DataFrame, best: pd.DataFrame, task: str) -> pd
         by_role = {role: label for label, rs in roles.items() for role in rs}
         higher = bool(g.higher_is_better.iloc[0])
         for _, m in g.sort_values("test_mean", ascending=not higher).iterrows():
-            row = {"n": size, "method": m.label, "test": _fmt(m.test_mean)}
+            row = {"n": size, "method": m.label, "configs searched": int(m.configs),
+                   "test": _fmt(m.test_mean)}
             for role in ("best", "full", "untuned"):
                 ref = by_role.get(role)
                 header = best_header if role == "best" else f"vs {role}"
@@ -369,30 +397,48 @@ def display_significance(sig: pd.DataFrame, best: pd.DataFrame, task: str) -> pd
                     row[header] = "— (best)" if role == "best" and ref == m.label \
                         and len(bests) > 1 else "—"
                     continue
-                text = f"{p.difference:+.1f} [{p.ci_low:+.1f}, {p.ci_high:+.1f}] p={p.p_holm:.2g}"
-                row[header] = f"**{text}**" if p.significant else text
+                row[header] = _comparison_text(p)
             rows.append(row)
     return pd.DataFrame(rows)
 
 
 @dataclass
 class StudyTables:
-    """What the report is computed from: every run (`runs.csv`), the headline (`headline.csv`)
-    and every comparison (`significance.csv`), as DataFrames."""
+    """What the report is computed from: every run (`runs.csv`), the headline (`headline.csv`),
+    every comparison (`significance.csv`) and the expected best score of a search
+    (`expected_validation.csv`), as DataFrames."""
 
     runs: pd.DataFrame
     headline: pd.DataFrame
     significance: pd.DataFrame
-    best: pd.DataFrame  # each method's best configuration per task and training-set size
+    best: pd.DataFrame  # each method's reported configuration per task and training-set size
     view: pd.DataFrame  # runs, with runs shared by every sample size repeated for each
     left_out: list[str]  # run folders not in the grid, or unreadable
+    expected: pd.DataFrame  # expected best validation (and its test) vs configurations tried
+    selection: str
 
 
-def study_tables(study_dir: str | Path) -> StudyTables:
+def study_selection(study_dir: Path, selection: str | None = None) -> str:
+    """The selection rule: the argument, else the study file's `selection:`, else the default."""
+    if selection is None:
+        path = study_dir / "study.yaml"
+        try:
+            raw = yaml.safe_load(path.read_text()) if path.is_file() else None
+        except (OSError, yaml.YAMLError) as e:
+            raise PeftlabError(f"{path}: unreadable ({e})") from None
+        selection = (raw or {}).get("selection", DEFAULT_SELECTION) \
+            if isinstance(raw, dict) else DEFAULT_SELECTION
+    if selection not in SELECTIONS:
+        raise PeftlabError(f"selection {selection!r} is not one of {', '.join(SELECTIONS)}")
+    return str(selection)
+
+
+def study_tables(study_dir: str | Path, selection: str | None = None) -> StudyTables:
     """Read the run folders and compute the report's tables (nothing is written)."""
     study_dir = Path(study_dir)
+    selection = study_selection(study_dir, selection)
     loaded, left_out = load_runs(study_dir)
-    runs = select_learning_rates(loaded)
+    runs = select_learning_rates(loaded, selection)
     view = expand_shared(runs)
     headline = headline_table(view)
     if headline.empty:
@@ -400,17 +446,17 @@ def study_tables(study_dir: str | Path) -> StudyTables:
         first = f"; first error: {failed.error.iloc[0]}" if len(failed) else ""
         raise PeftlabError(f"{study_dir}: no completed run to report on "
                            f"({len(failed)} failed){first}")
-    best = figures.best_configs(headline)
+    best = best_configs(view, selection)
     sig = significance_table(study_dir, headline, best)
-    return StudyTables(runs, headline, sig, best, view, left_out)
+    expected = expected_best(view, REFERENCES)
+    return StudyTables(runs, headline, sig, best, view, left_out, expected, selection)
 
 
-def write_report(study_dir: str | Path) -> dict[str, Path]:
+def write_report(study_dir: str | Path, selection: str | None = None) -> dict[str, Path]:
     """Read the run folders; write tables (CSV), figures (PNG, SVG), report.md, report.html."""
     study_dir = Path(study_dir)
-    t = study_tables(study_dir)
-    runs, view, headline, best, sig, left_out = (t.runs, t.view, t.headline, t.best,
-                                                 t.significance, t.left_out)
+    t = study_tables(study_dir, selection)
+    runs, view, headline, best, sig = t.runs, t.view, t.headline, t.best, t.significance
     missing = missing_runs(study_dir, runs)
     colors = figures.method_colors(list(runs.method_name.dropna()))
     out = study_dir / "report"
@@ -425,44 +471,87 @@ def write_report(study_dir: str | Path) -> dict[str, Path]:
                 for s in sizes]
         figs += [figures.efficiency(headline, task, s, fig_dir, colors, short) for s in sizes]
         figs.append(figures.data_scaling(best, task, fig_dir, colors, short))
+        figs += [figures.expected_search(t.expected, best, task, s, fig_dir, colors, short)
+                 for s in sizes if len(t.expected[(t.expected.task == task)
+                                                  & (t.expected.train_size == s)])]
         sections.append((task, label, table, display_significance(sig, best, task), figs))
-    notes = findings(runs, best, sig, missing)
-    if left_out:
-        notes.append(f"{len(left_out)} run folders left out: " + "; ".join(left_out[:10]))
+    found = findings(runs, best, sig, missing, view, t.selection)
+    if t.left_out:
+        found.append(f"{len(t.left_out)} run folders left out: " + "; ".join(t.left_out[:10]))
 
     out.mkdir(parents=True, exist_ok=True)
     runs.drop(columns=["error"]).to_csv(out / "runs.csv", index=False)
     headline.drop(columns=["keys", "run_seeds", "run_scores"]).to_csv(out / "headline.csv",
                                                                       index=False)
+    best.drop(columns=["keys", "run_seeds", "run_scores"]).to_csv(out / "methods.csv",
+                                                                  index=False)
     sig.to_csv(out / "significance.csv", index=False)
+    t.expected.to_csv(out / "expected_validation.csv", index=False)
 
-    md = render_markdown(sections, runs, notes)
-    atomic_write_text(out / "report.md", md)
-    atomic_write_text(out / "report.html", render_html(sections, runs, notes))
+    intro = introduction(runs, t.selection)
+    atomic_write_text(out / "report.md", render_markdown(intro, sections, runs, found))
+    atomic_write_text(out / "report.html", render_html(intro, sections, runs, found))
     return {"markdown": out / "report.md", "html": out / "report.html",
-            "headline": out / "headline.csv", "runs": out / "runs.csv",
-            "significance": out / "significance.csv", "figures": fig_dir}
+            "headline": out / "headline.csv", "methods": out / "methods.csv",
+            "runs": out / "runs.csv", "significance": out / "significance.csv",
+            "expected": out / "expected_validation.csv", "figures": fig_dir}
 
 
-INTRO = (
-    "Test metrics are on a 0-100 scale: means ± standard deviation over seeds, with a 95% "
-    "Student-t interval (clipped to 0-100; shown from 3 seeds up), for the learning rate "
-    "chosen per method, size and training-set size by the best mean validation score (the "
-    "test set was evaluated once per run, on the checkpoint chosen on validation). "
-    "`trainable (inference)` counts what a method saves and adds at inference; `trained "
-    "(training)` what the optimizer updated (prefix tuning's MLP reparameterisation trains "
-    "more than the prefixes it folds into). `untuned` is the loaded instruction-tuned model "
-    "at step 0, not a zero-shot model: Flan-T5 saw SST-2 and SAMSum in instruction tuning. "
-    f"Differences between methods are tested with a {TEST_NAME}: it carries both the "
-    "variation between seeds (training sample, initialisation, batch order) and the "
-    "variation between test examples. Each method's best size is compared with the best "
-    "trained method, full fine-tuning and the untuned model; p-values are Holm-adjusted "
-    "within each task and training-set size; every pair of configurations is in "
-    "significance.csv. With 2 seeds a comparison has about one degree of freedom and a wide "
-    "interval (clipped to the -100..100 a difference of two 0-100 scores can take): run 3 or "
-    "more. Runs trained in packs (`peftlab run --pack P`) show their share of the pack's wall "
-    "time, and the pack's peak memory (marked): one process held the pack."
-)
+SELECTION_TEXT = {
+    "cross-fit": ("each seed's reported run uses the learning rate (and, for a method, the size) "
+                  "with the best mean validation score over the other seeds (cross-fit "
+                  "selection: a seed's luck cannot select itself)"),
+    "grid": ("the learning rate (and, for a method, the size) with the best mean validation "
+             "score over seeds is reported for every seed (grid selection: the seeds that "
+             "choose are the seeds reported, which favours methods that search more "
+             "configurations)"),
+}
+
+
+def introduction(runs: pd.DataFrame, selection: str) -> list[str]:
+    """The paragraphs before the findings: what was run and how each number was made."""
+    models = sorted(runs.model.dropna().unique()) if "model" in runs else []
+    tasks = sorted(runs.task.dropna().unique())
+    model_text = ", ".join(notes.describe_model(m) for m in models) or "not recorded"
+    paras = [
+        f"Model: {model_text}. `untuned` is this model as loaded, evaluated at step 0 (no "
+        "training). Test metrics are on a 0-100 scale: means ± standard deviation over "
+        f"seeds, with a 95% Student-t interval over seeds (clipped to 0-100; shown from "
+        f"{MIN_SEEDS} seeds up). The interval is over seeds with the test set held fixed: it "
+        "says how much another seed (training sample, initialisation, data order) would move "
+        "the mean on this test set, not how the score would move on another test set; the "
+        "tests between methods below carry both.",
+        f"Selection, on validation only: {SELECTION_TEXT[selection]}. Each run's checkpoint is "
+        "also chosen on validation, and the test set was evaluated once per run. The tables say "
+        f"how many rates each configuration tried and how many configurations each method "
+        f"searched; {EDGE_MARK} marks a rate at the edge of its candidates (the best may lie "
+        f"outside), {STEP0_MARK}k/n a configuration whose selected checkpoint is step 0 (the "
+        "untrained model) for k of its n seeds. The expected-search figures (Dodge et al. "
+        "2019; unbiased estimator of Tang et al. 2020) show the best validation score a "
+        "method reaches after trying n of its configurations at random, and the test score "
+        "of that choice: a method that searched more configurations had more chances.",
+        "`trainable (inference)` counts what a method saves and adds at inference; `trained "
+        "(training)` what the optimizer updated (prefix tuning's MLP reparameterisation trains "
+        "more than the prefixes it folds into). Runs trained in packs (`peftlab run --pack P`) "
+        "show their share of the pack's wall time, and the pack's peak memory (marked).",
+        f"Differences between methods: a {TEST_NAME}; it carries both the variation between "
+        "seeds and the variation between test examples, and holds its level at 0.05, 0.01 "
+        "and 0.001 in simulation. Each method's reported configuration is compared with the "
+        "best trained method (chosen on validation), full fine-tuning and the untuned model; "
+        "p-values are Holm-adjusted within each task and training-set size (every pair of "
+        f"configurations is in significance.csv). Below {MIN_SEEDS} seeds nothing is tested "
+        "and no interval is given. Each comparison shows the smallest difference it could "
+        f"detect at {POWER:.0%} power (two-sided 0.05, unadjusted: a lower bound after Holm), "
+        "so that 'not significant' is read with its power.",
+    ]
+    for task in tasks:
+        note = notes.test_split_note(task)
+        if note:
+            paras.append(f"{task}: {note}.")
+    for model in models:
+        paras += [f"{text}." for text in notes.overlaps(model, tasks)]
+    return paras
+
 
 APPENDIX_COLUMNS = ["key", "status", "selected", "learning_rate", "seed", "val_score", "test_score",
                     "best_step", "step0_val", "final_val", "flag_loss_fell_metric_fell"]
@@ -482,16 +571,30 @@ def _appendix(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 SIGNIFICANCE_NOTE = ("Difference (this method minus the reference) [95% CI, not adjusted for "
-                     "the number of comparisons], Holm-adjusted p; **bold**: significant at "
-                     "0.05 after adjustment. A CI that excludes 0 with a Holm-adjusted p above "
-                     "0.05 is a difference the family of comparisons does not support.")
+                     "the number of comparisons], Holm-adjusted p, and the smallest difference "
+                     f"the comparison detects at {POWER:.0%} power; **bold**: significant at 0.05 "
+                     "after adjustment. A CI that excludes 0 with a Holm-adjusted p above 0.05 is "
+                     "a difference the family of comparisons does not support. `configs "
+                     "searched`: sizes x learning rates the method chose among on validation.")
+HEADLINE_NOTE = (f"{EDGE_MARK} the learning rate is the smallest or largest candidate; "
+                 f"{STEP0_MARK}k/n: the selected checkpoint is step 0 (untrained) for k of n "
+                 "seeds; `lr a (2 seeds), b (1)`: cross-fit chose per seed.")
 
 
-def render_markdown(sections, runs, notes) -> str:
-    parts = ["# Study report", "", INTRO, "", "## Findings", ""]
-    parts += [f"- {n}" for n in notes]
+def _task_heading(task: str, label: str) -> str:
+    note = notes.test_split_note(task)
+    return f"{task}: test {label}" + (" (test = GLUE dev)" if note and "GLUE" in note else "")
+
+
+def render_markdown(intro, sections, runs, found) -> str:
+    parts = ["# Study report", ""]
+    for para in intro:
+        parts += [para, ""]
+    parts += ["## Findings", ""]
+    parts += [f"- {n}" for n in found]
     for task, label, table, sig_table, figs in sections:
-        parts += ["", f"## {task}: test {label}", "", _md_table(table), ""]
+        parts += ["", f"## {_task_heading(task, label)}", "", _md_table(table), "",
+                  HEADLINE_NOTE, ""]
         parts += [f"![{f.stem}](figures/{f.name})" for f in figs]
         parts += ["", f"### {task}: differences between methods", "", SIGNIFICANCE_NOTE, "",
                   _md_table(sig_table)]
@@ -511,17 +614,19 @@ def _html_table(df: pd.DataFrame) -> str:
     return "".join(p if i % 2 == 0 else f"<b>{p}</b>" for i, p in enumerate(parts))
 
 
-def render_html(sections, runs, notes) -> str:
+def render_html(intro, sections, runs, found) -> str:
     style = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;font-size:13px;margin:1em 0}"
              "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}"
              "img{max-width:100%;border:1px solid #eee}figure{margin:1em 0}")
-    body = [f"<h1>Study report</h1><p>{html.escape(INTRO)}</p><h2>Findings</h2><ul>"]
-    body += [f"<li>{html.escape(n)}</li>" for n in notes]
+    body = ["<h1>Study report</h1>"] + [f"<p>{html.escape(p)}</p>" for p in intro]
+    body.append("<h2>Findings</h2><ul>")
+    body += [f"<li>{html.escape(n)}</li>" for n in found]
     body.append("</ul>")
     for task, label, table, sig_table, figs in sections:
-        body.append(f"<h2>{html.escape(task)}: test {html.escape(label)}</h2>")
+        body.append(f"<h2>{html.escape(_task_heading(task, label))}</h2>")
         body.append(_html_table(table))
+        body.append(f"<p>{html.escape(HEADLINE_NOTE)}</p>")
         body += [_img(f) for f in figs]
         body.append(f"<h3>{html.escape(task)}: differences between methods</h3>"
                     f"<p>{html.escape(SIGNIFICANCE_NOTE.replace('**bold**', 'bold'))}</p>")

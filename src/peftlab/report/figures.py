@@ -48,48 +48,57 @@ def seeds_phrase(counts: list[int]) -> str:
     return f"{high} seed{'s' if high > 1 else ''}" if low == high else f"{low}-{high} seeds"
 
 
-def best_configs(headline: pd.DataFrame) -> pd.DataFrame:
-    """Per (task, train size, method): the size with the best validation mean (selected rate)."""
-    rows = []
-    for _, g in headline.groupby(["task", "train_size", "method_name"], dropna=False):
-        higher = bool(g.higher_is_better.iloc[0])
-        rows.append(g.loc[g.val_mean.idxmax() if higher else g.val_mean.idxmin()])
-    return pd.DataFrame(rows)
+def _coincident(drawn: list[tuple[str, np.ndarray, np.ndarray]], name: str, x, y) -> str:
+    """' (same values as X)' when (x, y) repeats a series already drawn on the axes, which
+    would hide under it; the series is recorded either way."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    same = [n for n, x2, y2 in drawn if len(x2) == len(x) and np.allclose(x2, x, equal_nan=True)
+            and np.allclose(y2, y, equal_nan=True, rtol=0, atol=1e-9)]
+    drawn.append((name, x, y))
+    return f" (same values as {', '.join(same)})" if same else ""
 
 
 def learning_curves(study_dir: Path, runs: pd.DataFrame, best: pd.DataFrame, task: str,
                     size, out: Path, colors: dict[str, str], metric_label: str) -> Path:
-    """Training loss and validation metric vs step: mean and +-std over seeds, step 0 shown."""
+    """Training loss and validation metric vs step of each method's reported runs: mean and
+    +-std over seeds, step 0 (the untrained model) shown."""
     chosen = best[(best.task == task) & (best.train_size == size)]
     metric = chosen.metric.iloc[0]
-    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(12, 4))
+    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(12, 4), sharex=True)
     trained = chosen[~chosen.method_name.isin(REFERENCE_METHODS)]
     seeds = seeds_phrase(list(trained.seeds))
+    drawn: dict[str, list] = {"train_loss": [], f"val_{metric}": []}
+    first_loss_step = None
     for _, cfg in chosen.iterrows():
-        keys = runs[(runs.task == task) & (runs.label == cfg.label) & runs.selected
-                    & (runs.train_size == size)].key
-        frames = [pd.DataFrame(read_jsonl(study_dir / k / "metrics.jsonl")) for k in keys]
+        frames = [pd.DataFrame(read_jsonl(study_dir / k / "metrics.jsonl")) for k in cfg["keys"]]
         if not frames:
             continue
         color = colors[cfg.method_name]
-        name = f"{cfg.label}" + ("" if cfg.method_name in REFERENCE_METHODS else f" (lr {cfg.lr:g})")
+        name = f"{cfg.label}" + ("" if cfg.method_name in REFERENCE_METHODS
+                                 else f" (lr {cfg.lrs})")
         for ax, column in ((ax_loss, "train_loss"), (ax_val, f"val_{metric}")):
             series = [f.set_index("step")[column].dropna() for f in frames if column in f]
             if not series or all(s.empty for s in series):
                 continue
             table = pd.concat(series, axis=1)
             mean, std = table.mean(axis=1), table.std(axis=1).fillna(0)
+            if column == "train_loss" and len(mean):
+                first = int(mean.index.min())
+                first_loss_step = first if first_loss_step is None else min(first_loss_step, first)
+            label = name + _coincident(drawn[column], cfg.label, mean.index, mean)
             if len(table) == 1:  # untuned and baselines: one point at step 0, drawn as a level
-                ax.axhline(mean.iloc[0], color=color, ls="--", lw=1, label=name)
+                ax.axhline(mean.iloc[0], color=color, ls="--", lw=1, label=label)
                 continue
-            ax.plot(table.index, mean, color=color, label=name, marker="o", ms=3)
+            ax.plot(table.index, mean, color=color, label=label, marker="o", ms=3)
             ax.fill_between(table.index, mean - std, mean + std, color=color, alpha=0.15)
-    ax_loss.set(xlabel="optimizer step", ylabel="training loss (token mean)",
-                title="training loss")
+    loss_title = "training loss" + (f" (first logged at step {first_loss_step})"
+                                    if first_loss_step else "")
+    ax_loss.set(xlabel="optimizer step", ylabel="training loss (token mean)", title=loss_title)
     ax_val.set(xlabel="optimizer step (0 = untrained)", ylabel=f"validation {metric_label}",
                title=f"validation {metric_label}")
-    fig.suptitle(f"{task}, {size} training examples: mean ± std over {seeds} (each method's "
-                 "size and rate chosen on validation)")
+    ax_loss.set_xlim(left=0)
+    fig.suptitle(f"{task}, {size} training examples: mean ± std over {seeds} of each method's "
+                 "reported runs (size and rate chosen on validation)")
     _legend_outside(ax_val)
     return _save(fig, out, f"curves-{task}-n{size}")
 
@@ -114,12 +123,16 @@ def efficiency(headline: pd.DataFrame, task: str, size, out: Path, colors: dict[
     higher = bool(table.higher_is_better.iloc[0])
     fig, ax = plt.subplots(figsize=(8, 4.5))
     trained = table[table.trainable_params > 0].sort_values("trainable_params")
+    drawn: list = []
     for name, g in trained.groupby("method_name"):
         ax.errorbar(g.trainable_params, g.test_mean, yerr=g.test_std.fillna(0), marker="o",
-                    capsize=3, color=colors[name], label=name)
+                    capsize=3, color=colors[name],
+                    label=name + _coincident(drawn, name, g.trainable_params, g.test_mean))
+    levels: list = []
     for _, row in table[table.trainable_params == 0].iterrows():
+        same = _coincident(levels, row.label, [0], [row.test_mean])
         ax.axhline(row.test_mean, ls="--", lw=1, color=colors[row.method_name],
-                   label=f"{row.label} (trains nothing)")
+                   label=f"{row.label} (trains nothing){same}")
     pts = list(zip(trained.trainable_params, trained.test_mean))
     front = [pts[i] for i in pareto_front(pts, higher)]
     if front:
@@ -142,12 +155,13 @@ def data_scaling(best: pd.DataFrame, task: str, out: Path, colors: dict[str, str
     sizes = sorted({s for s in table.train_size if s != "all"})
     position = {s: i for i, s in enumerate(sizes)}
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    drawn: list = []
     for name, g in table[table.train_size != "all"].groupby("method_name"):
         g = g.sort_values("train_size", key=lambda s: s.map(position))
         x = [position[s] for s in g.train_size]
         style = "--" if name in REFERENCE_METHODS else "-"
         ax.errorbar(x, g.test_mean, yerr=g.test_std.fillna(0), marker="o", capsize=3, ls=style,
-                    color=colors[name], label=name)
+                    color=colors[name], label=name + _coincident(drawn, name, x, g.test_mean))
     ax.set_xticks(range(len(sizes)), [str(s) for s in sizes])
     trained = table[~table.method_name.isin(REFERENCE_METHODS)]
     ax.set(xlabel="training examples", ylabel=f"test {metric_label}",
@@ -155,6 +169,34 @@ def data_scaling(best: pd.DataFrame, task: str, out: Path, colors: dict[str, str
                  "vs training examples;\neach method's size and rate chosen on validation")
     _legend_outside(ax)
     return _save(fig, out, f"scaling-{task}")
+
+
+def expected_search(expected: pd.DataFrame, best: pd.DataFrame, task: str, size, out: Path,
+                    colors: dict[str, str], metric_label: str) -> Path:
+    """Expected best validation score after n configurations tried at random, and the test
+    score of that choice, per trained method (report.select.expected_best)."""
+    table = expected[(expected.task == task) & (expected.train_size == size)]
+    fig, (ax_val, ax_test) = plt.subplots(1, 2, figsize=(12, 4), sharex=True)
+    drawn: dict[str, list] = {"val": [], "test": []}
+    for name, g in table.groupby("method_name"):
+        g = g.sort_values("configurations")
+        for ax, column, key in ((ax_val, "expected_best_val", "val"),
+                                (ax_test, "expected_test", "test")):
+            ax.plot(g.configurations, g[column], marker="o", ms=3, color=colors[name],
+                    label=f"{name} ({int(g['of'].max())} searched)"
+                    + _coincident(drawn[key], name, g.configurations, g[column]))
+    selection_metric = best[(best.task == task)].metric.iloc[0]
+    ax_val.set(xlabel="configurations tried (size x learning rate)",
+               ylabel=f"expected best validation {metric_label}"
+               if selection_metric != "loss" else "expected best validation loss",
+               title="expected best validation score")
+    ax_test.set(xlabel="configurations tried (size x learning rate)",
+                ylabel=f"expected test {metric_label}", title="test score of that choice")
+    ax_val.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(f"{task}, {size} training examples: expected score of a random search of n "
+                 "configurations (seed means; Dodge et al. 2019, Tang et al. 2020)")
+    _legend_outside(ax_test)
+    return _save(fig, out, f"search-{task}-n{size}")
 
 
 def is_nonempty_image(path: Path) -> bool:

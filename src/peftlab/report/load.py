@@ -17,6 +17,7 @@ import pandas as pd
 from peftlab.errors import PeftlabError
 from peftlab.files import read_jsonl
 from peftlab.records import record_problem
+from peftlab.report.select import DEFAULT_SELECTION, mark_selected
 
 SUMMARY = "summary.json"
 
@@ -90,7 +91,7 @@ def load_runs(study_dir: Path) -> tuple[pd.DataFrame, list[str]]:
         higher = metric != "loss"
         rec: dict[str, Any] = {
             "key": key,
-            "task": s.get("task"), "method": s.get("method"),
+            "task": s.get("task"), "method": s.get("method"), "model": s.get("model"),
             "label": cell.get("label", s.get("method")),
             "method_name": cell.get("method_name", s.get("method")),
             "size_knob": cell.get("size_knob"), "size_value": cell.get("size_value"),
@@ -139,21 +140,10 @@ def train_sizes(runs: pd.DataFrame, task: str) -> list:
     return sorted(sizes, key=lambda v: math.inf if v == "all" else v)
 
 
-def select_learning_rates(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mark `selected`: per (task, label, train size), the rate with the best mean validation
-    score over seeds. Runs that need no rate (untuned, baselines) are always selected."""
-    runs = runs.copy()
-    runs["selected"] = False
-    ok = runs.status.isin(["completed", "diverged"]) & runs.val_score.notna()
-    no_rate = runs.learning_rate.isna()
-    runs.loc[ok & no_rate, "selected"] = True
-    rated = runs[ok & ~no_rate]
-    for _, group in rated.groupby(["task", "label", "train_size"], dropna=False):
-        means = group.groupby("learning_rate").val_score.mean()
-        higher = bool(group.higher_is_better.iloc[0])
-        best = means.idxmax() if higher else means.idxmin()
-        runs.loc[group.index[group.learning_rate == best], "selected"] = True
-    return runs
+def select_learning_rates(runs: pd.DataFrame, selection: str = DEFAULT_SELECTION) -> pd.DataFrame:
+    """Mark `selected`: the runs each (task, label, train size) reports, their rate chosen on
+    validation by `selection` (peftlab.report.select)."""
+    return mark_selected(runs, selection)
 
 
 def expand_shared(runs: pd.DataFrame) -> pd.DataFrame:

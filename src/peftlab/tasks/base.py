@@ -189,27 +189,46 @@ def prepare_splits(
     data = task.load()
     stratify = task.kind == "classification"
     notes = dict(data.notes)
+    # A validation example that is also a test example would let selection see the test set:
+    # dropped before the draw and counted, as training examples are (by the task's text).
+    test_texts = {ex.text for ex in data.test}
     if data.validation_pool is None:
         # e.g. SST-2: its labelled test set is GLUE dev, so validation comes out of train.
-        _check_size("val_size", val_size, len(data.train_pool) - 1, "training examples")
+        candidates = [ex for ex in data.train_pool if ex.text not in test_texts]
+        notes["validation_dropped_overlap_with_test"] = len(data.train_pool) - len(candidates)
+        if not candidates:
+            raise DataError(f"task {task.name}: every training example is also a test example "
+                            "(the same file for both?): nothing is left to validate or train on")
         if val_size == "all":
             raise ConfigError("`val_size` cannot be 'all' when validation is drawn from train")
-        validation = sample_examples(data.train_pool, val_size, VALIDATION_SEED, stratify)
+        if val_size >= len(candidates):
+            raise ConfigError(
+                f"`val_size` is {val_size}, but with no validation file validation is drawn "
+                f"from the {len(candidates)} training examples, leaving "
+                f"{max(len(candidates) - val_size, 0)} to train on: give a validation file "
+                "or a smaller val_size")
+        validation = sample_examples(candidates, val_size, VALIDATION_SEED, stratify)
         taken = {ex.id for ex in validation}
         pool = [ex for ex in data.train_pool if ex.id not in taken]
         notes["validation_source"] = "train"
     else:
-        _check_size("val_size", val_size, len(data.validation_pool), "validation examples")
-        validation = sample_examples(data.validation_pool, val_size, VALIDATION_SEED, stratify)
+        candidates = [ex for ex in data.validation_pool if ex.text not in test_texts]
+        notes["validation_dropped_overlap_with_test"] = (len(data.validation_pool)
+                                                         - len(candidates))
+        _check_size("val_size", val_size, len(candidates), "validation examples")
+        validation = sample_examples(candidates, val_size, VALIDATION_SEED, stratify)
         pool = data.train_pool
         notes["validation_source"] = "validation"
     _check_size("test_size", test_size, len(data.test), "test examples")
     # A test subset is for smoke runs only; papers use test_size: all.
     test = sample_examples(data.test, test_size, VALIDATION_SEED, stratify)
     # Whole held-out splits, not just the drawn subsets: no test or validation text trains.
-    held_out = {ex.text for ex in data.validation_pool or validation} | {ex.text for ex in data.test}
+    held_out = {ex.text for ex in data.validation_pool or validation} | test_texts
     deduped = [ex for ex in pool if ex.text not in held_out]
     notes["train_dropped_overlap_with_validation_or_test"] = len(pool) - len(deduped)
+    if pool and not deduped:
+        raise DataError(f"task {task.name}: every training example is also in validation or "
+                        f"test ({len(pool)} dropped as overlap): nothing is left to train on")
     _check_size("train_size", train_size, len(deduped), "training examples")
     train = sample_examples(deduped, train_size, seed, stratify)
     if not train or not validation or not test:
