@@ -81,3 +81,22 @@ def test_calibrate_runs_one_pack_of_each_method_and_projects_the_rest(tmp_path):
                         "sst2/lora/n16/lr0.001/seed0", "sst2/lora/n16/lr0.001/seed1"]
     assert "estimated time for 2 of the 3 pending runs" in messages[-1]
     assert "no measured time yet for 1 task/method pairs (sst2/untuned)" in messages[-1]
+
+
+def test_python_callers_get_the_command_lines_checks(tmp_path):
+    """One validation for the CLI and the API: bad worker and pack counts, a run key that
+    leaves the study, a config of the wrong type."""
+    for options, field in (({"workers": 0}, "workers"), ({"workers": -3}, "workers"),
+                           ({"pack": -1}, "pack"), ({"pack": 0}, "pack"),
+                           ({"backend": "slurm"}, "backend")):
+        with pytest.raises(PeftlabError, match=f"`{field}` must be"):
+            peftlab.run_study(preset="smoke", out=tmp_path / "s", dry_run=True, **options)
+    assert not (tmp_path / "s").exists()
+    (tmp_path / "other" / "run").mkdir(parents=True)
+    (tmp_path / "study").mkdir()
+    study = peftlab.load_study(tmp_path / "study")
+    for key in ("../other/run", "/etc", ".", "sst2/../../other/run"):
+        with pytest.raises(PeftlabError, match="not a run of the study"):
+            study.run(key)
+    with pytest.raises(PeftlabError, match=r"`config` is a RunConfig, a mapping .* not list"):
+        peftlab.train([1, 2])

@@ -136,3 +136,60 @@ def test_export_refuses_what_it_cannot_do_and_never_writes_into_a_used_folder(tm
     with pytest.raises(PeftlabError, match="not an empty folder"):
         peftlab.export(run, used)
     assert [p.name for p in used.iterdir()] == ["notes.txt"]
+
+
+@pytest.fixture(scope="module")
+def prompt_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("prompt")
+    return peftlab.train({**RUN, "model": "t5-tiny", "method": "prompt",
+                          "method_args": {"num_virtual_tokens": 4}, "learning_rate": 0.3,
+                          "output_dir": str(folder / "run")}, progress=False)
+
+
+def test_an_export_that_fails_midway_leaves_nothing_and_names_the_cause(tmp_path, prompt_run,
+                                                                        monkeypatch):
+    """A full disk while the tokenizer is written (tokenizers raise a bare Exception): no
+    target, no partial folder, a message naming the step and the cause; the same export then
+    succeeds."""
+    from transformers import PreTrainedTokenizerBase
+
+    def full_disk(self, *args, **kwargs):
+        raise Exception("No space left on device (os error 28)")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", full_disk)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["export", str(prompt_run.path), "--to", str(out)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    text = " ".join(result.output.split())
+    assert "failed while writing the tokenizer" in text and "No space left on device" in text
+    assert "Nothing was left at" in text and "resume" not in text
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    assert peftlab.export(prompt_run, out) == out
+    assert (out / "adapter_config.json").is_file() and (out / "tokenizer.json").is_file()
+
+
+def test_export_refuses_unfinished_failed_and_inside_runs_and_diverged_without_force(
+        tmp_path, prompt_run):
+    import json
+    import shutil
+
+    with pytest.raises(PeftlabError, match="inside the run folder"):
+        peftlab.export(prompt_run, prompt_run.path / "exported")
+    assert not (prompt_run.path / "exported").exists()
+    run = tmp_path / "run"
+    shutil.copytree(prompt_run.path, run)
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "status": "diverged",
+                                                  "best_step": 0}))
+    with pytest.raises(PeftlabError, match=r"diverged; .* \(step 0\).* --force exports it"):
+        peftlab.export(run, tmp_path / "a")
+    assert peftlab.export(run, tmp_path / "a", force=True).is_dir()
+    (run / "summary.json").write_text(json.dumps({**summary, "status": "failed",
+                                                  "error": "RuntimeError: boom"}))
+    with pytest.raises(PeftlabError, match=r"the run failed \(RuntimeError: boom\)"):
+        peftlab.export(run, tmp_path / "b", force=True)
+    (run / "summary.json").unlink()
+    with pytest.raises(PeftlabError, match=r"unfinished \(no summary.json\); run it to the end"):
+        peftlab.export(run, tmp_path / "c")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "run"]

@@ -200,6 +200,25 @@ def test_a_corrupt_record_reruns_its_cell_naming_the_file(tmp_path, damage):
     assert list(cell.glob("*.corrupt"))  # kept for inspection
 
 
+def test_an_unfinished_cell_with_a_corrupt_config_runs_again_with_one_command(tmp_path):
+    """An unfinished run's config.yaml cut mid-write: the plain command runs the cell again
+    from step 0 (the config kept aside, the checkpoints it cannot vouch for dropped); no
+    advice that leads to a refusal."""
+    out = tmp_path / "s"
+    code, text = run_study(write_study(tmp_path), out, "--no-report")
+    assert code == 0, text
+    cell = out / LN_CELLS[0]
+    (cell / "summary.json").unlink()  # as if killed before finishing
+    (cell / "checkpoints" / "step-000002").mkdir(parents=True)
+    (cell / "checkpoints" / "step-000002" / "trainable.safetensors").write_bytes(b"x")
+    (cell / "config.yaml").write_text("model: t5-tiny\nmethod: [ln\n")
+    code, text = run_study(write_study(tmp_path), out, "--no-report")
+    assert code == 0 and "config.yaml: unreadable" in text and "the cell runs again" in text, text
+    assert "--rerun-changed" not in text and "1 completed" in text
+    assert set(statuses(out).values()) == {"completed"}
+    assert list(cell.glob("config.yaml.corrupt*"))
+
+
 # --- 8. templates ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("template,expected", [
@@ -351,6 +370,25 @@ def test_leftover_temporaries_in_finished_runs_are_cleaned(tmp_path):
     assert not left.exists() and mine.exists()
 
 
+def test_checkpoints_a_finished_run_kept_are_removed_on_the_next_pass(tmp_path):
+    """A kill between summary.json and the checkpoints' removal kept weights and optimizer
+    state: the next pass over the study removes them (and says so), keeping a user's file."""
+    out = tmp_path / "s"
+    code, text = run_study(write_study(tmp_path), out, "--no-report")
+    assert code == 0, text
+    step = out / LN_CELLS[0] / "checkpoints" / "step-000004"
+    step.mkdir(parents=True)
+    (step / "optimizer.safetensors").write_bytes(b"x" * 1000)
+    (step.parent / "latest.json").write_text('{"step": 4}')
+    (step.parent / "mine.txt").write_text("not peftlab's")
+    code, text = run_study(write_study(tmp_path), out, "--no-report")
+    assert code == 0, text
+    assert "removed the training checkpoints that 1 finished runs kept" in text
+    assert LN_CELLS[0] in text
+    assert not step.exists() and not (step.parent / "latest.json").exists()
+    assert (step.parent / "mine.txt").read_text() == "not peftlab's"
+
+
 def test_a_byte_order_mark_in_a_tsv_header_is_accepted(tmp_path):
     from peftlab.tasks.readers import read_tsv
 
@@ -363,11 +401,44 @@ def test_inputs_whose_attention_cannot_fit_are_refused_before_allocating(tmp_pat
     import peftlab.run as run_module
 
     monkeypatch.setattr(run_module, "available_memory", lambda device: 2**30)  # 1 GiB free
-    code, out = cli("train", *train_sets(tmp_path, task="samsum", max_source_length=100000,
+    code, out = cli("train", *train_sets(tmp_path, task="samsum", max_source_length=16000,
                                          eval_batch_size=64, batch_size=8,
                                          model="flan-t5-small-random", test_size=64))
     assert code == 2 and "the longest input is" in out and "Lower `max_source_length`" in out
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("setting,named", [
+    ("max_new_tokens=1000000000", "max_new_tokens"), ("num_beams=1000000", "num_beams"),
+    ("seed=18446744073709551616", "seed"), ("method_args.num_virtual_tokens=100000",
+                                            "num_virtual_tokens")])
+def test_unbounded_settings_are_refused_at_config_time_naming_the_field(tmp_path, setting,
+                                                                        named):
+    sets = train_sets(tmp_path)
+    if "virtual" in setting:
+        sets = train_sets(tmp_path, method="prompt")
+    code, out = cli("train", *sets, "--set", setting)
+    assert code == 2 and named in out and "Traceback" not in out, out
+    assert not (tmp_path / "run").exists()
+
+
+def test_what_evaluation_or_a_rank_would_need_is_checked_before_training(tmp_path,
+                                                                          monkeypatch):
+    """A LoRA rank above the layers' size hung; 16,000 prompt tokens, 64 beams or a large
+    generation budget exhausted memory at test time, after training: refused up front."""
+    import peftlab.run as run_module
+
+    code, out = cli("train", *train_sets(tmp_path, **{"method_args.r": 1000000}))
+    assert code == 2 and "`method_args.r` is 1,000,000" in out, out
+    monkeypatch.setattr(run_module, "available_memory", lambda device: 2**30)  # 1 GiB free
+    code, out = cli("train", *train_sets(tmp_path, method="prompt",
+                                         **{"method_args.num_virtual_tokens": 16000}))
+    assert code == 2 and "plus 16,000 method tokens" in out and "GiB is free" in out, out
+    code, out = cli("train", *train_sets(tmp_path, task="samsum", num_beams=64,
+                                         max_new_tokens=16000, eval_batch_size=64,
+                                         model="flan-t5-small-random"))
+    assert code == 2 and "`num_beams` or `max_new_tokens`" in out, out
+    assert not (tmp_path / "run" / "summary.json").exists()
 
 
 def test_data_dir_is_written_into_the_config(tmp_path):

@@ -15,6 +15,7 @@ prediction must be equal.
 import math
 
 import pytest
+import torch
 
 from peftlab.config import resolve_run_config
 from peftlab.files import read_jsonl
@@ -173,6 +174,48 @@ def test_members_stopping_early_at_different_steps_leave_the_others_going(tmp_pa
         assert_same_run(tmp_path / f"packed{i}", tmp_path / f"alone{i}")
 
 
+def test_a_pack_killed_between_its_members_checkpoints_resumes_bit_for_bit(tmp_path,
+                                                                          monkeypatch):
+    """The kill lands after one member's step-4 pointer, before the others': the pack resumes
+    every member from step 2 (one unit), and its files equal the uninterrupted pack's exactly:
+    adapters, losses, every metrics row but the timings."""
+    from safetensors.torch import load_file
+
+    import peftlab.checkpoint as checkpoint
+
+    def cfgs(folder):
+        return [config(tmp_path, f"{folder}/m{i}", seed, lr, max_steps=8, dropout=0.1)
+                for i, (seed, lr) in enumerate(MEMBERS)]
+
+    run_pack(cfgs("reference"), progress=False)
+    moved = []
+    real_point_to = checkpoint.point_to
+
+    def killed(run_dir, step):
+        if step == 4 and any(s == 4 for _, s in moved):  # after the first member's pointer
+            raise KeyboardInterrupt  # as a kill: nothing after this line runs
+        real_point_to(run_dir, step)
+        moved.append((run_dir.name, step))
+
+    monkeypatch.setattr(checkpoint, "point_to", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_pack(cfgs("killed"), progress=False)
+    monkeypatch.undo()
+    assert checkpoint.pointer_step(tmp_path / "killed/m0") == 4
+    assert checkpoint.pointer_step(tmp_path / "killed/m1") == 2
+    assert (tmp_path / "killed/m0/checkpoints/step-000002").is_dir()  # kept for the pack
+    summaries = run_pack(cfgs("killed"), progress=False)
+    assert summaries[0]["notes"] == []  # its record is the uninterrupted one
+    for i in range(len(MEMBERS)):
+        ref, again = tmp_path / f"reference/m{i}", tmp_path / f"killed/m{i}"
+        a, b = load_file(ref / "adapter.safetensors"), load_file(again / "adapter.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        rows_a, rows_b = read_jsonl(ref / "metrics.jsonl"), read_jsonl(again / "metrics.jsonl")
+        assert [{k: v for k, v in r.items() if k not in TIMING} for r in rows_a] == \
+            [{k: v for k, v in r.items() if k not in TIMING} for r in rows_b]
+        assert not (again / "checkpoints").exists()
+
+
 def test_runs_that_differ_in_more_than_seed_rate_and_train_size_are_refused(tmp_path):
     from peftlab.errors import PeftlabError
 
@@ -258,7 +301,7 @@ def test_a_study_in_packs_writes_what_it_writes_unpacked(tmp_path, unpacked_stud
     assert "packs of up to 4: 9 of the runs to run in 3 packs (sizes 3), 4 alone" in out
     code, out = run_study(tmp_path, "s", "--pack", "4", "--workers", "2")
     assert code == 0, out
-    assert "13 runs in 7 packs, 2 at a time" in out and "13 completed" in out
+    assert "13 runs: 9 in 3 packs, 4 alone, 2 at a time" in out and "13 completed" in out
     study = tmp_path / "s"
     assert run_folders(study) == run_folders(unpacked_study)
     packed = {}
@@ -344,6 +387,36 @@ def test_a_packs_members_are_evaluated_as_their_runs_together_or_one_by_one(tmp_
         assert [r["prediction"] for r in t.rows] == [r["prediction"] for r in a.rows]
         assert t.metrics["loss"] == pytest.approx(a.metrics["loss"], rel=1e-5)
     assert len({round(t.metrics["loss"], 6) for t in packed}) == 3
+
+
+@pytest.mark.parametrize("together", [True, False])
+def test_a_prompt_pack_evaluates_its_bf16_copy_with_the_copys_prompts(tmp_path, together,
+                                                                      monkeypatch):
+    """bf16 evaluation evaluates a deep copy cast to bf16. Prompt tuning's routed
+    `get_prompt` was a closure the copy shared: together (a GPU's way) it read the original's
+    idle router ('a packed model was called without a route'); one by one it silently read
+    the fp32 prompts. Forced on this CPU: the copy's prompts are its own, in bf16, and each
+    member's result is its own bf16 evaluation's."""
+    import peftlab.run
+    from peftlab.evaluate import inference_model
+    from peftlab.run import evaluate_pack, setup_pack
+
+    monkeypatch.setitem(peftlab.run.EVALUATE_TOGETHER, "cpu", together)
+    cfgs = [config(tmp_path, f"m{i}", seed, lr, method="prompt", eval_precision="bf16",
+                   method_args=METHOD_ARGS["prompt"]) for i, (seed, lr) in enumerate(MEMBERS)]
+    setups = setup_pack(cfgs)
+    model = setups[0].model
+    copy = inference_model(model, bf16=True)
+    assert copy.get_prompt.__self__ is copy
+    with copy.peftlab_pack.router.evaluating(1):
+        prompt = copy.get_prompt(2)
+    (stack,) = copy.peftlab_pack.stacks.values()
+    assert prompt.dtype == torch.bfloat16 and torch.equal(prompt[0], stack.storage[1])
+    packed = evaluate_pack(setups, "validation", [0, 1, 2], progress=False)
+    for i, result in enumerate(packed):
+        alone = setups[i].evaluate("validation", progress=False)
+        assert [r["prediction"] for r in result.rows] == [r["prediction"] for r in alone.rows]
+        assert result.metrics["loss"] == pytest.approx(alone.metrics["loss"], rel=2e-2)
 
 
 def test_a_member_another_process_holds_is_left_out_of_its_pack(tmp_path):

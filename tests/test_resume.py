@@ -125,3 +125,44 @@ def test_a_run_that_stopped_early_stays_stopped_when_resumed(tmp_path, monkeypat
     resumed = run_module.run(cfg, progress=False)
     assert resumed["steps_done"] == 1 and resumed["stopped_early"]
     assert resumed["test_metrics"] == straight["test_metrics"]
+
+
+def test_rng_state_keeps_the_current_gpu_only_and_restores_old_states_in_device_order(
+        monkeypatch):
+    """Forced on this CPU: a checkpoint holds the current CUDA device's generator (reading
+    every visible GPU's opened a context on each), and an older checkpoint's per-GPU states
+    go back in numeric order (cuda10 after cuda2)."""
+    import torch
+
+    from peftlab import checkpoint
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([7]))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all",
+                        lambda: pytest.fail("every GPU's state was read"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": calls.append(s))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.append(states))
+    state = checkpoint.rng_state()
+    assert set(state) == {"torch", "cuda"} and int(state["cuda"]) == 7
+    checkpoint.set_rng_state(state)
+    assert int(calls[-1]) == 7
+    old = {"torch": torch.get_rng_state(), **{f"cuda{i}": torch.tensor([i]) for i in (0, 2, 10)}}
+    checkpoint.set_rng_state(old)
+    assert [int(t) for t in calls[-1]] == [0, 2, 10]
+
+
+def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path):
+    cmd = command(tmp_path, "run", method="lora")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ready = step0_logged(tmp_path / "run")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert "interrupted; run the same command again to resume" in err
+    assert "Traceback" not in err

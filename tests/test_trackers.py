@@ -72,6 +72,25 @@ def test_a_resumed_run_replaces_the_events_logged_after_its_checkpoint(tmp_path)
     assert losses == [(0, 10.0), (1, 11.0), (2, 12.0), (3, 23.0), (4, 24.0)]
 
 
+def test_a_restart_from_step_0_replaces_the_events_of_the_killed_attempt(tmp_path):
+    """Killed before its first checkpoint, a run starts again from step 0: the events the
+    killed attempt logged go, or TensorBoard would show steps 2, 4, 6, 2, 4, 6, 8, ..."""
+    from peftlab.trackers import TensorBoard
+
+    first = TensorBoard(tmp_path, {"seed": 0}, None, resume_step=None)
+    for step in (2, 4, 6):
+        first.row({"step": step, "train_loss": 10.0 + step})
+    first.writer.close()
+    (tmp_path / "notes.txt").write_text("mine")
+    again = TensorBoard(tmp_path, {"seed": 0}, None, resume_step=None)
+    for step in (2, 4, 6, 8):
+        again.row({"step": step, "train_loss": 20.0 + step})
+    again.writer.close()
+    losses = [(e.step, e.value) for e in events(tmp_path).Scalars("train/train_loss")]
+    assert losses == [(2, 22.0), (4, 24.0), (6, 26.0), (8, 28.0)]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 # --- MLflow and W&B -------------------------------------------------------------------------
 
 def mlflow_client(run_dir):

@@ -12,22 +12,50 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
 from peftlab import __version__
-from peftlab.errors import PeftlabError
+from peftlab.errors import PeftlabError, describe_cause
 from peftlab.files import write_json
-from peftlab.records import ADAPTER, CONFIG
+from peftlab.records import ADAPTER, CONFIG, SUMMARY, read_json
 
 MARKER = "peftlab_adapter.json"
 MERGEABLE = ("lora", "ia3", "ln")
 
 
-def export_run(run_dir: str | Path, to: str | Path, merge: bool = False) -> Path:
-    """Write the run's selected state to the new folder `to` (refused if it holds files)."""
+def _exportable(run_dir: Path, method: str, force: bool) -> None:
+    """Refuse a run that is unfinished or failed; a diverged one only with `force`."""
+    if not (run_dir / SUMMARY).is_file():
+        raise PeftlabError(f"{run_dir}: unfinished (no {SUMMARY}); run it to the end first "
+                           "(the same command resumes it), then export")
+    try:
+        summary = read_json(run_dir / SUMMARY)
+    except PeftlabError as e:
+        raise PeftlabError(f"{e}; the run's record is damaged, nothing to export") from None
+    status = summary.get("status") if isinstance(summary, dict) else None
+    if status == "failed":
+        raise PeftlabError(f"{run_dir}: the run failed ({summary.get('error', 'no error')}); "
+                           "nothing to export")
+    if status == "diverged" and not force:
+        raise PeftlabError(
+            f"{run_dir}: the run diverged; its saved state is its best checkpoint before that "
+            f"(step {summary.get('best_step')}), which may be the untrained model. "
+            "--force exports it anyway")
+    if not (run_dir / ADAPTER).is_file():
+        raise PeftlabError(f"{run_dir}: no {ADAPTER} (a `{method}` run trains nothing)")
+
+
+def export_run(run_dir: str | Path, to: str | Path, merge: bool = False,
+               force: bool = False) -> Path:
+    """Write the run's selected state to the new folder `to` (refused if it holds files).
+
+    The folder appears whole or not at all: everything is written into a hidden sibling that
+    is renamed to `to` at the end, and removed if anything fails.
+    """
     from safetensors.torch import load_file
 
     from peftlab.methods import Baseline
@@ -35,11 +63,12 @@ def export_run(run_dir: str | Path, to: str | Path, merge: bool = False) -> Path
 
     cfg, run_dir = load_run_dir(run_dir)
     to = Path(to)
+    if to.resolve().is_relative_to(run_dir.resolve()):
+        raise PeftlabError(f"{to}: inside the run folder {run_dir}; export to a folder outside "
+                           "it (the run's own files are not to be mixed with a copy)")
     if to.exists() and (not to.is_dir() or any(to.iterdir())):
         raise PeftlabError(f"{to}: exists and is not an empty folder; export into a new one")
-    if not (run_dir / ADAPTER).is_file():
-        raise PeftlabError(f"{run_dir}: no {ADAPTER} (a `{cfg.method}` run trains nothing, or "
-                           "it has not finished)")
+    _exportable(run_dir, cfg.method, force)
     if merge and cfg.method not in MERGEABLE:
         raise PeftlabError(f"--merge: `{cfg.method}` adds tensors the base model has no place "
                            f"for; mergeable: {', '.join(MERGEABLE)}")
@@ -49,24 +78,42 @@ def export_run(run_dir: str | Path, to: str | Path, merge: bool = False) -> Path
         raise PeftlabError(f"`{cfg.method}` has no model to export")
     s.method.load_state(s.model, load_file(str(run_dir / ADAPTER)))
     model = s.model.cpu().eval()
-    if merge:
-        with warnings.catch_warnings():
-            # peft notes that input and output embeddings are untied after merging: Flan-T5's
-            # are untied to begin with (peftlab.models)
-            warnings.filterwarnings("ignore", message="Input and output embeddings are no "
-                                    "longer tied")
-            merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-        merged.save_pretrained(to)
-    elif hasattr(model, "peft_config"):
-        model.save_pretrained(to)
-    else:
-        to.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(run_dir / CONFIG, to / CONFIG)
-        shutil.copyfile(run_dir / ADAPTER, to / ADAPTER)
-        write_json(to / MARKER, {"method": cfg.method, "method_args": cfg.method_args,
-                                 "model": cfg.model, "peftlab": __version__,
-                                 "load": "peftlab.load_adapter(DIR)"})
-    s.tokenizer.save_pretrained(to)
+    partial = to.parent / f".{to.name}.partial-{os.getpid()}"
+    step = "the folder"
+    try:
+        to.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        step = "the merged model" if merge else "the adapter"
+        if merge:
+            with warnings.catch_warnings():
+                # peft notes that input and output embeddings are untied after merging:
+                # Flan-T5's are untied to begin with (peftlab.models)
+                warnings.filterwarnings("ignore", message="Input and output embeddings are "
+                                        "no longer tied")
+                merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") \
+                    else model
+            merged.save_pretrained(partial)
+        elif hasattr(model, "peft_config"):
+            model.save_pretrained(partial)
+        else:
+            shutil.copyfile(run_dir / CONFIG, partial / CONFIG)
+            shutil.copyfile(run_dir / ADAPTER, partial / ADAPTER)
+            write_json(partial / MARKER, {"method": cfg.method, "method_args": cfg.method_args,
+                                          "model": cfg.model, "peftlab": __version__,
+                                          "load": "peftlab.load_adapter(DIR)"})
+        step = "the tokenizer"
+        s.tokenizer.save_pretrained(partial)
+        step = "the folder's final name"
+        if to.is_dir():
+            to.rmdir()  # the empty folder checked above
+        os.replace(partial, to)
+    except Exception as e:  # noqa: BLE001  (tokenizers raise a bare Exception on a full disk)
+        shutil.rmtree(partial, ignore_errors=True)
+        where = f" ({e.filename})" if isinstance(e, OSError) and e.filename else ""
+        cause = describe_cause(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
+        raise PeftlabError(f"export to {to} failed while writing {step}{where}: {cause}. "
+                           f"Nothing was left at {to}; fix that and export again") from None
     return to
 
 

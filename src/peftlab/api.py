@@ -58,13 +58,15 @@ class Run:
         return s.model.eval(), s.tokenizer
 
 
-def export(run: str | Path | Run, to: str | Path, merge: bool = False) -> Path:
+def export(run: str | Path | Run, to: str | Path, merge: bool = False,
+           force: bool = False) -> Path:
     """The run's trained state as a peft adapter folder (`PeftModel.from_pretrained` loads
     it), peftlab's own folder for prefix and layer-norm tuning (`load_adapter`), or with
-    `merge` a full model folder (LoRA, (IA)^3, LN). See peftlab.adapters."""
+    `merge` a full model folder (LoRA, (IA)^3, LN). Unfinished and failed runs are refused,
+    diverged ones unless `force`. See peftlab.adapters."""
     from peftlab.adapters import export_run
 
-    return export_run(run.path if isinstance(run, Run) else run, to, merge)
+    return export_run(run.path if isinstance(run, Run) else run, to, merge, force)
 
 
 def load_adapter(folder: str | Path) -> tuple[Any, Any]:
@@ -97,10 +99,13 @@ def train(config: RunConfig | dict[str, Any] | str | Path | None = None, *,
         raw = config.model_dump()
     elif isinstance(config, dict):
         raw = dict(config)
-    elif config is not None:
+    elif isinstance(config, str | Path):
         raw = read_yaml_mapping(config)
-    else:
+    elif config is None:
         raw = {}
+    else:
+        raise PeftlabError(f"train: `config` is a RunConfig, a mapping of settings or a YAML "
+                           f"file's path, not {type(config).__name__} ({config!r:.60})")
     for name in ("method", "task"):  # another method's (task's) settings do not carry over
         if name in settings and settings[name] != raw.get(name) and f"{name}_args" not in settings:
             raw.pop(f"{name}_args", None)
@@ -141,6 +146,11 @@ class Study:
 
     def run(self, key: str) -> Run:
         """One cell's run, by its folder relative to the study (`sst2/lora/n64/lr0.001/seed0`)."""
+        parts = Path(key).parts
+        if (not parts or Path(key).is_absolute() or any(p in ("..", ".") for p in parts)
+                or not (self.path / key).resolve().is_relative_to(self.path.resolve())):
+            raise PeftlabError(f"{key!r}: not a run of the study {self.path}; a key is a run "
+                               "folder inside it, e.g. sst2/lora/n64/lr0.001/seed0")
         return load_run(self.path / key)
 
     def report(self) -> dict[str, Path]:
@@ -155,6 +165,17 @@ def load_study(path: str | Path) -> Study:
     if not path.is_dir():
         raise PeftlabError(f"{path}: folder not found")
     return Study(path)
+
+
+def check_study_options(*, workers: int | None, pack: int | None, runs_per_gpu: int,
+                        backend: str) -> None:
+    """The study runner's options, checked once for the command line and Python alike."""
+    for name, value in (("workers", workers), ("pack", pack), ("runs_per_gpu", runs_per_gpu)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise PeftlabError(f"`{name}` must be a whole number of at least 1, got {value!r}")
+    if backend not in ("local", "ray"):
+        raise PeftlabError(f"`backend` must be local or ray, got {backend!r}")
 
 
 def run_study(study: str | Path | dict[str, Any] | None = None, *, preset: str | None = None,
@@ -172,22 +193,24 @@ def run_study(study: str | Path | dict[str, Any] | None = None, *, preset: str |
     then says the projected time of the rest, and stops."""
     from peftlab import study as st
 
-    if backend not in ("local", "ray"):
-        raise PeftlabError(f"backend must be local or ray, got {backend!r}")
+    check_study_options(workers=workers, pack=pack, runs_per_gpu=runs_per_gpu, backend=backend)
     config = st.study_config(study) if isinstance(study, dict) else st.load_study(study, preset)
     folder = Path(out) if out is not None else Path("studies") / config.name
     cells = st.expand(config, folder)
     plan = st.plan(cells, retry_failed, rerun_changed)
     for message in plan.messages():
         warn(message)
-    pack_size = pack or config.pack
+    pack_size = pack if pack is not None else config.pack
     n_workers = workers or st.default_workers(plan.todo, runs_per_gpu)
     if not calibrate:
         say(st.describe(cells, plan.todo, pack_size, n_workers))
     if dry_run:
         return Study(folder)
     st.apply(plan)
-    st.clean_finished(cells)
+    kept = st.clean_finished(cells)
+    if kept:
+        say(f"removed the training checkpoints that {len(kept)} finished runs kept (a kill "
+            f"before their cleanup): {', '.join(kept[:5])}{' ...' if len(kept) > 5 else ''}")
     st.write_study_files(config, cells, folder)
     if calibrate:
         first = st.calibration_cells(plan.todo, pack_size)
@@ -198,8 +221,11 @@ def run_study(study: str | Path | dict[str, Any] | None = None, *, preset: str |
         return Study(folder, outcome.counts, outcome.locked)
     if len(plan.todo) > 1 and backend == "local":
         groups = st.packs(plan.todo, pack_size, slots=n_workers)
-        in_packs = "" if len(groups) == len(plan.todo) else f" in {len(groups)} packs"
-        say(f"{len(plan.todo)} runs{in_packs}, {n_workers} at a time")
+        packed = [g for g in groups if len(g) > 1]
+        alone = len(groups) - len(packed)
+        how = (f": {sum(map(len, packed))} in {len(packed)} packs, {alone} alone"
+               if packed else "")
+        say(f"{len(plan.todo)} runs{how}, {n_workers} at a time")
     outcome = st.execute(plan.todo, n_workers, backend, address, runs_per_gpu,
                          progress=progress, pack=pack_size)
     result = Study(folder, outcome.counts, outcome.locked)

@@ -57,9 +57,9 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> 
     return {"state": state, "param_groups": plain["param_groups"]}
 
 
-def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> None:
-    root = run_dir / CHECKPOINTS
-    folder = root / f"step-{ckpt.step:06d}"
+def write_checkpoint(run_dir: Path, ckpt: Checkpoint) -> None:
+    """The checkpoint's folder, complete; nothing points to it yet."""
+    folder = run_dir / CHECKPOINTS / f"step-{ckpt.step:06d}"
     if folder.exists():
         remove_checkpoint_step(folder)
     opt_tensors, opt_plain = _split_optimizer(ckpt.optimizer)
@@ -68,19 +68,62 @@ def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> None:
     save_tensors(folder / "best.safetensors", ckpt.best_state)
     save_tensors(folder / "rng.safetensors", ckpt.rng)
     write_json(folder / "state.json", {"step": ckpt.step, "optimizer": opt_plain, **ckpt.meta})
-    write_json(root / POINTER, {"folder": folder.name, "step": ckpt.step})
-    for old in root.glob("step-*"):
-        if old.name != folder.name and CHECKPOINT_DIR.fullmatch(old.name):
+
+
+def point_to(run_dir: Path, step: int) -> None:
+    """Make `step` the run's latest checkpoint (one atomic file replace)."""
+    write_json(run_dir / CHECKPOINTS / POINTER, {"folder": f"step-{step:06d}", "step": step})
+
+
+def pointer_step(run_dir: Path) -> int | None:
+    """The step the run's pointer names (None: no checkpoint, or an unreadable pointer)."""
+    try:
+        return int(json.loads((run_dir / CHECKPOINTS / POINTER).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def remove_steps_before(run_dir: Path, step: int) -> None:
+    """Checkpoint folders of steps before `step` (never the one the pointer names)."""
+    keep = pointer_step(run_dir)
+    for old in (run_dir / CHECKPOINTS).glob("step-*"):
+        if CHECKPOINT_DIR.fullmatch(old.name) and int(old.name[5:]) < step \
+                and int(old.name[5:]) != keep:
             remove_checkpoint_step(old)
 
 
-def load_checkpoint(run_dir: Path) -> Checkpoint | None:
-    """The latest complete checkpoint, or None if the run never wrote one."""
+def save_checkpoint(run_dir: Path, ckpt: Checkpoint) -> None:
+    """A run alone: the folder, then the pointer, then older folders go."""
+    save_pack_checkpoints([(run_dir, ckpt)], [run_dir])
+
+
+def save_pack_checkpoints(saved: list[tuple[Path, Checkpoint]], members: list[Path]) -> None:
+    """A pack's checkpoint as one unit: every member's folder is written before any pointer
+    moves, and a folder goes only once no member's pointer is older than it. A kill at any
+    moment leaves the pack resumable at the oldest step any member points to, from which
+    every member still has its folder (`resume_step`): the pack then goes on as it would
+    have, members in step (their rows go through the same chunks)."""
+    for run_dir, ckpt in saved:
+        write_checkpoint(run_dir, ckpt)
+    for run_dir, ckpt in saved:
+        point_to(run_dir, ckpt.step)
+    steps = [pointer_step(run_dir) for run_dir in members]
+    if None in steps:
+        return  # a member without a checkpoint: the pack would resume from step 0
+    oldest = min(s for s in steps if s is not None)
+    for run_dir in members:
+        remove_steps_before(run_dir, oldest)
+
+
+def load_checkpoint(run_dir: Path, step: int | None = None) -> Checkpoint | None:
+    """The latest complete checkpoint (or the one of `step`, in a pack resuming its members
+    at one step), or None if the run never wrote one."""
     pointer = run_dir / CHECKPOINTS / POINTER
     if not pointer.is_file():
         return None
     try:
-        name = json.loads(pointer.read_text())["folder"]
+        name = json.loads(pointer.read_text())["folder"] if step is None \
+            else f"step-{step:06d}"
         # only a checkpoint folder of this run: a pointer is never followed elsewhere
         if not isinstance(name, str) or not CHECKPOINT_DIR.fullmatch(name):
             raise ValueError(f"`folder` {name!r} is not a checkpoint folder of this run")
@@ -98,15 +141,24 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
 
 
 def rng_state() -> dict[str, torch.Tensor]:
+    """The CPU generator's state and, if this process uses CUDA, its current device's. Not
+    every visible GPU's: that opened a CUDA context on each (in a process pinned to none)."""
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            state[f"cuda{i}"] = s
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["torch"])
-    cuda = [state[k] for k in sorted(state) if k.startswith("cuda")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    if not torch.cuda.is_available():
+        return
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+        return
+    # checkpoints written before: one state per visible GPU, cuda0, cuda1, ... (numeric order:
+    # cuda10 after cuda2)
+    old = sorted((k for k in state if k.startswith("cuda") and k[4:].isdigit()),
+                 key=lambda k: int(k[4:]))
+    if old:
+        torch.cuda.set_rng_state_all([state[k] for k in old])

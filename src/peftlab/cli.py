@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,9 +23,29 @@ err_console = Console(stderr=True)
 _state = {"debug": False}
 
 
+RESUMABLE = ("run", "train")  # commands that a second call resumes
+
+
+def _on_interrupt(ctx: typer.Context) -> None:
+    """Ctrl-C ends the command with a sentence and exit code 130 (128 + SIGINT), not
+    silently: the finally blocks still run (locks, tracker records), the files written are
+    complete (every result file is written atomically)."""
+    def interrupted(signum: int, frame: Any) -> None:
+        hint = ("; run the same command again to resume" if ctx.invoked_subcommand in RESUMABLE
+                else "")
+        err_console.print(f"interrupted{hint}", highlight=False, soft_wrap=True)
+        raise SystemExit(130)
+
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, interrupted)
+        ctx.call_on_close(lambda: signal.signal(signal.SIGINT, previous))
+
+
 @app.callback()
-def main(debug: Annotated[bool, typer.Option(help="show tracebacks for errors")] = False) -> None:
+def main(ctx: typer.Context,
+         debug: Annotated[bool, typer.Option(help="show tracebacks for errors")] = False) -> None:
     _state["debug"] = debug
+    _on_interrupt(ctx)
     log = logging.getLogger("peftlab")  # warnings and progress lines from the library
     if not log.handlers:
         handler = logging.StreamHandler()
@@ -117,10 +139,6 @@ def run_cmd(
     """Run a study: every cell of its grid, skipping finished runs and resuming unfinished ones."""
     from peftlab.api import run_study
 
-    if backend not in ("local", "ray"):
-        err_console.print(f"[bold red]error:[/] --backend must be local or ray, got {backend!r}")
-        raise typer.Exit(2)
-
     study = _guarded(lambda: run_study(
         study_file, preset=preset, out=out, workers=workers, pack=pack,
         runs_per_gpu=runs_per_gpu, backend=backend, address=address, retry_failed=retry_failed,
@@ -146,23 +164,29 @@ def export_cmd(
     to: Annotated[Path, typer.Option(help="a new folder for the adapter")],
     merge: Annotated[bool, typer.Option(
         help="LoRA, IA3, LN: a full model folder with the adapter folded in")] = False,
+    force: Annotated[bool, typer.Option(
+        help="export a diverged run's state (its best checkpoint before diverging)")] = False,
 ) -> None:
     """Write a run's trained state as a peft adapter folder (PeftModel.from_pretrained loads
     it; prefix and LN tuning: a folder peftlab.load_adapter loads), or a merged model."""
     from peftlab.api import export
 
-    folder = _guarded(lambda: export(run_dir, to, merge))
+    folder = _guarded(lambda: export(run_dir, to, merge, force))
     console.print(f"exported: {folder}", soft_wrap=True, highlight=False)
 
 
 @app.command("report")
 def report_cmd(
     study_dir: Annotated[Path, typer.Argument(help="a study folder")],
+    selection: Annotated[str | None, typer.Option(
+        help="cross-fit (each seed's reported run chosen on the other seeds' validation) or "
+             "grid (one choice on the mean over seeds); default: the study file's "
+             "`selection`, else cross-fit")] = None,
 ) -> None:
     """Write report.md, report.html, CSV tables and figures from a study's run folders."""
     from peftlab.report import write_report
 
-    paths = _guarded(lambda: write_report(study_dir))
+    paths = _guarded(lambda: write_report(study_dir, selection))
     for kind, path in paths.items():
         console.print(f"{kind}: {path}", soft_wrap=True, highlight=False)
 

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from peftlab.errors import ConfigError, did_you_mean
+from peftlab.limits import MAX_BEAMS, MAX_TOKENS
 
 DEFAULT_MODEL = "google/flan-t5-small"
 
@@ -33,7 +34,7 @@ class RunConfig(BaseModel):
     train_size: int | Literal["all"] = Field(64, description="training examples drawn with seed")
     val_size: int | Literal["all"] = Field(200, description="validation examples (fixed draw)")
     test_size: int | Literal["all"] = Field("all", description="test examples; 'all' for papers")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="64-bit, as torch takes it")
     learning_rate: float | None = Field(None, gt=0, description="None: the method's default")
     optimizer: Literal["adamw", "adafactor"] = "adamw"
     weight_decay: float = Field(0.0, ge=0)
@@ -67,10 +68,13 @@ class RunConfig(BaseModel):
         64, ge=1, description="sequences per evaluation batch (rank classification: inputs "
         "times label words); 64 ran the SST-2 test split 1.2x faster than 32 on CPU"
     )
-    max_source_length: int | None = Field(None, ge=1, description="None: the task's default")
-    max_target_length: int | None = Field(None, ge=1, description="None: the task's default")
-    max_new_tokens: int | None = Field(None, ge=1, description="None: the task's default")
-    num_beams: int = Field(1, ge=1, description="1: greedy decoding")
+    max_source_length: int | None = Field(None, ge=1, le=MAX_TOKENS,
+                                          description="None: the task's default")
+    max_target_length: int | None = Field(None, ge=1, le=MAX_TOKENS,
+                                          description="None: the task's default")
+    max_new_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS,
+                                       description="None: the task's default")
+    num_beams: int = Field(1, ge=1, le=MAX_BEAMS, description="1: greedy decoding")
     label_scoring: Literal["sum", "mean"] = Field(
         "sum", description="rank classification: a label's score is the log-probability of "
         "its tokens and its end-of-sequence token, summed (sum) or averaged per token (mean)"

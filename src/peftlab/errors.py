@@ -43,12 +43,19 @@ def unknown_name(kind: str, name: str, choices: Iterable[str]) -> ConfigError:
     )
 
 
+STORAGE_HINTS = {28: "the disk is full", 30: "the file system is read-only",
+                 13: "permission denied", 20: "a path component is a file, not a folder"}
+
+
+def describe_cause(e: OSError) -> str:
+    """A storage error's cause in words (the disk is full, ...)."""
+    return STORAGE_HINTS.get(e.errno, e.strerror or type(e).__name__)
+
+
 def describe_os_error(e: OSError) -> str:
     """A disk-full, read-only or permission error as one sentence that names the path."""
     where = f" `{e.filename}`" if e.filename else ""
-    hints = {28: "the disk is full", 30: "the file system is read-only",
-             13: "permission denied", 20: "a path component is a file, not a folder"}
-    reason = hints.get(e.errno, e.strerror or type(e).__name__)
+    reason = describe_cause(e)
     return (f"cannot write or read{where}: {reason}. Files already written are complete "
             "(every result file is written atomically); free space or fix the folder, then "
             "run the same command again to resume.")

@@ -178,6 +178,7 @@ def train_pack(
     bf16: bool,
     pad_id: int,
     progress: bool = True,
+    commit: Callable[[list[tuple[int, Checkpoint]]], None] | None = None,
 ) -> list[TrainOutcome]:
     """Train every member of the model's pack (peftlab.pack) together: one forward and
     backward over all their micro-batches per step, one validation pass for all members due
@@ -186,6 +187,11 @@ def train_pack(
     (diverged, stopped early, done) leaves the others going. A member resumed from a later
     checkpoint than another simply is some steps ahead: each counts its own steps."""
     metric, higher_is_better = selection
+    if commit is None:  # each member saves its own (a pack resumes as one with the caller's)
+
+        def commit(saves: list[tuple[int, Checkpoint]]) -> None:
+            for index, checkpoint in saves:
+                members[index].save(checkpoint)
     pack = getattr(model, "peftlab_pack", None)
     if pack is not None and pack.members != len(members):
         raise ValueError(f"a pack of {pack.members} trained with {len(members)} members")
@@ -266,9 +272,11 @@ def train_pack(
             # keep the best, checkpoint
             due = [run for run in stepped if run.due(run.step)]
             evaluations = dict(zip((run.index for run in due), validate(due))) if due else {}
-            for run in stepped:
-                _finish_step(run, evaluations.get(run.index), metric, higher_is_better,
-                             snapshot, masks.generators[run.index])
+            due_saves = [(run.index, ckpt) for run in stepped if (ckpt := _finish_step(
+                run, evaluations.get(run.index), metric, higher_is_better, snapshot,
+                masks.generators[run.index])) is not None]
+            if due_saves:  # every member's checkpoint of this step, as one unit
+                commit(due_saves)
             lines.maybe(losses)
         bar.close()
     model.eval()
@@ -345,9 +353,9 @@ def _optimizer_step(run: _MemberRun, micro_batches: list[dict[str, torch.Tensor]
 
 def _finish_step(run: _MemberRun, evaluation: tuple[dict[str, float], float] | None,
                  metric: str, higher_is_better: bool, snapshot: Callable,
-                 dropout: torch.Generator) -> None:
-    """A member's step after the evaluation (if it was due one): its metrics row, best state,
-    checkpoint and stopping rules."""
+                 dropout: torch.Generator) -> Checkpoint | None:
+    """A member's step after the evaluation (if it was due one): its metrics row, best state
+    and stopping rules; the checkpoint it is due, for the pack to save as one unit."""
     cfg, out, row, step = run.cfg, run.out, run.row, run.step
     if evaluation is not None:
         val, row["eval_s"] = evaluation
@@ -362,17 +370,19 @@ def _finish_step(run: _MemberRun, evaluation: tuple[dict[str, float], float] | N
         run.member.log_row(row)
         out.history.append(row)
         run.window_start = time.perf_counter()
+    checkpoint = None
     if run.member.save is not None and step % cfg.eval_every == 0 and step < cfg.max_steps:
         # --- checkpoint after each evaluation (the final step needs none: the run ends)
-        run.member.save(Checkpoint(
+        checkpoint = Checkpoint(
             step, {n: p.detach().cpu() for n, p in run.named}, run.optimizer.state_dict(),
             out.best_state, {**rng_state(), "dropout": dropout.get_state()},
             {"scheduler": run.scheduler.state_dict(), "best_step": out.best_step,
              "best_val": out.best_val, "evals_without_gain": run.evals_without_gain,
              "elapsed_s": time.perf_counter() - run.start},
-        ))
+        )
     if cfg.early_stopping_patience and run.evals_without_gain >= cfg.early_stopping_patience:
         out.stopped_early = True
         run.active = False
     elif step >= cfg.max_steps:
         run.active = False
+    return checkpoint

@@ -160,6 +160,13 @@ def remove_checkpoint_step(step_dir: Path) -> None:
         step_dir.rmdir()
 
 
+def has_checkpoints(run_dir: Path) -> bool:
+    """Does the run keep training checkpoints (its pointer or a step folder)?"""
+    root = run_dir / CHECKPOINTS
+    return (root / CHECKPOINT_POINTER).is_file() or any(
+        p.is_dir() and CHECKPOINT_DIR.fullmatch(p.name) for p in root.glob("step-*"))
+
+
 def remove_checkpoints(run_dir: Path) -> None:
     """A run's training checkpoints (a finished run keeps only its selected state); a user's
     own files in `checkpoints/` stay."""

@@ -27,7 +27,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from peftlab import __version__
-from peftlab.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from peftlab.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, save_pack_checkpoints
 from peftlab.config import RunConfig, config_changes, read_yaml_mapping
 from peftlab.data import Features, tokenize
 from peftlab.errors import CheckpointError, PeftlabError
@@ -294,29 +294,47 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def check_attention_memory(setups: list[Setup]) -> None:
-    """Refuse, before allocating, a run whose attention scores cannot fit: they grow with the
-    square of the longest input, and `max_source_length: 100000` on SAMSum ended in an
-    out-of-memory traceback (or, on Linux, the kernel killing the process with no message).
-    A lower bound: scores, softmax and dropout mask of every encoder layer of the largest
-    batch while training, eval_batch_size (one layer at a time) when evaluating; in a pack,
-    every member's batches at once, the longest input of any member."""
+    """Refuse, before allocating, a run whose training or evaluation cannot fit, so nothing
+    fails after hours of training (`max_source_length: 100000` on SAMSum ended in an
+    out-of-memory traceback, or on Linux the kernel killing the process with no message).
+    A lower bound of the largest tensors: training, the attention scores, softmax and
+    dropout mask of every encoder layer of the largest batch; evaluation, one layer's scores
+    for eval_batch_size inputs, plus free generation's key/value cache over its beams and one
+    step's vocabulary scores, or rank classification's vocabulary scores at every target
+    position. A method's extra positions (prompt or prefix tokens) count; in a pack, every
+    member's batches at once, the longest input of any member."""
     s, rows = setups[0], len(setups)
     if s.model is None:
         return
-    config = s.model.config
+    config, cfg = s.model.config, s.cfg
     heads = getattr(config, "num_heads", None) or getattr(config, "encoder_attention_heads", 1)
     layers = getattr(config, "num_layers", None) or getattr(config, "encoder_layers", 1)
+    decoder_layers = getattr(config, "num_decoder_layers", None) or getattr(
+        config, "decoder_layers", None) or layers
+    d_kv = getattr(config, "d_kv", None) or config.d_model // heads
     longest = max(max((len(x) for x in m.features(split).input_ids), default=0)
                   for m in setups for split in ("train", "validation", "test"))
-    per_matrix = heads * longest ** 2 * 4 * 3
-    needed = rows * max(s.cfg.batch_size * per_matrix * layers, s.cfg.eval_batch_size * per_matrix)
+    queries, keys = (s.method.extra_positions(s.method.Args.model_validate(cfg.method_args))
+                     if isinstance(s.method, Method) else (0, 0))
+    per_matrix = heads * (longest + queries) * (longest + keys) * 4 * 3
+    generated = cfg.eval_batch_size * cfg.num_beams
+    cache = 2 * 2 * decoder_layers * generated * heads * d_kv * 4 * (
+        longest + keys + cfg.max_new_tokens)  # self and cross attention, keys and values
+    vocabulary = config.vocab_size * 4 * 2  # scores and their log-softmax
+    evaluation = max(cfg.eval_batch_size * per_matrix,
+                     cache + generated * vocabulary,
+                     cfg.eval_batch_size * cfg.max_target_length * vocabulary)
+    needed = rows * max(cfg.batch_size * per_matrix * layers, evaluation)
     free = available_memory(s.device)
     if free is not None and needed > free:
+        extra = f", plus {max(queries, keys):,} method tokens" if queries + keys else ""
         raise PeftlabError(
             f"the longest input is {longest:,} tokens (`max_source_length` "
-            f"{s.cfg.max_source_length:,}): its attention scores alone need about "
-            f"{needed / 2**30:.1f} GiB, and {free / 2**30:.1f} GiB is free. Lower "
-            "`max_source_length`, `batch_size` or `eval_batch_size`.")
+            f"{cfg.max_source_length:,}{extra}): "
+            f"training and evaluating it need at least {needed / 2**30:.1f} GiB (attention "
+            f"scores, and evaluation's generation cache and vocabulary scores), and "
+            f"{free / 2**30:.1f} GiB is free. Lower `max_source_length`, `batch_size`, "
+            "`eval_batch_size`, `num_beams` or `max_new_tokens` (or the method's tokens).")
 
 
 def check_label_tokens(task: Task, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -458,11 +476,46 @@ def _trackers(cfg: RunConfig, resume: Checkpoint | None, kept_rows: list[dict[st
                          resume.step if resume else None, kept_rows)
 
 
+Prepared = tuple[Checkpoint | None, list[dict[str, Any]], list[str]]
+
+
+def align_pack_resume(cfgs: list[RunConfig], prepared: list[Prepared]) -> list[Prepared]:
+    """A pack resumes as one unit: every member from the oldest step any member checkpointed
+    (peftlab.checkpoint.save_pack_checkpoints keeps that step's folders), or every member from
+    step 0 when one has no checkpoint. Members in step go through the same chunks as in the
+    uninterrupted pack, so resuming changes no number."""
+    steps = [ckpt.step if ckpt else None for ckpt, _, _ in prepared]
+    if len(prepared) < 2 or len(set(steps)) == 1:
+        return prepared
+    outs = [Path(cfg.output_dir) for cfg in cfgs]
+    common = None if None in steps else min(s for s in steps if s is not None)
+    aligned: list[Prepared] = []
+    for out, (ckpt, rows, notes) in zip(outs, prepared):
+        if ckpt is None or ckpt.step == common:
+            aligned.append((ckpt, rows, notes))
+            continue
+        try:
+            earlier = load_checkpoint(out, step=common) if common is not None else None
+        except PeftlabError as e:  # the pack cannot resume as one: all from step 0
+            for folder in outs:
+                remove_checkpoints(folder)
+            return [(None, [], [*n, f"{e}; the pack started again from step 0"])
+                    for _, _, n in prepared]
+        if earlier is None:
+            remove_checkpoints(out)
+        # not a note in its record: the member's files end as they would have uninterrupted
+        log.info("%s: resumes from step %d with the rest of its pack (its own checkpoint was "
+                 "at step %d)", out, common or 0, ckpt.step)
+        aligned.append((earlier, [r for r in rows if r.get("step", math.inf) <= (
+            common if common is not None else -1)], notes))
+    return aligned
+
+
 def _run_held(cfgs: list[RunConfig], setups: list[Setup], started: float, memory: PeakMemory,
               progress: bool, overwrite: bool, pack_id: str | None) -> list[dict[str, Any]]:
+    prepared = align_pack_resume(cfgs, [prepare_output(cfg, overwrite) for cfg in cfgs])
     records = []
-    for cfg, s in zip(cfgs, setups):
-        resume, rows, notes = prepare_output(cfg, overwrite)
+    for cfg, s, (resume, rows, notes) in zip(cfgs, setups, prepared):
         write_yaml(Path(cfg.output_dir) / CONFIG, cfg.model_dump())
         records.append(_Record(cfg, s, resume, rows, notes, _trackers(cfg, resume, rows)))
     try:
@@ -504,9 +557,13 @@ def _run_records(records: list[_Record], cfgs: list[RunConfig], setups: list[Set
                                                          progress)]
 
             try:
+                def commit(saves: list[tuple[int, Checkpoint]]) -> None:
+                    save_pack_checkpoints([(records[i].out, ckpt) for i, ckpt in saves],
+                                          [r.out for r in records])
+
                 outcomes = train_pack(s0.model, s0.method, members, validate,
                                       selection_of(s0.cfg, s0.task), s0.device, s0.bf16,
-                                      s0.tokenizer.pad_token_id, progress)
+                                      s0.tokenizer.pad_token_id, progress, commit)
                 break
             except CheckpointError as e:
                 # a readable checkpoint that does not fit this run (a missing tensor, a wrong

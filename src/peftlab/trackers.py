@@ -80,6 +80,9 @@ class TensorBoard:
                  resume_step: int | None):
         from torch.utils.tensorboard import SummaryWriter
 
+        if resume_step is None:  # from step 0: a run killed before its first checkpoint
+            for old in folder.glob("events.out.tfevents.*"):  # logged steps it now logs again
+                old.unlink()
         self.writer = SummaryWriter(str(folder), purge_step=None if resume_step is None
                                     else resume_step + 1)
         if resume_step is None:

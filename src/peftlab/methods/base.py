@@ -85,6 +85,11 @@ class Method:
     family_defaults: dict[str, dict] = field(default_factory=dict)
     # The families the method supports; None: any model its code (peft's) supports.
     families: tuple[str, ...] | None = None
+    # Positions the method adds to the attention of every input: (queries, keys) per args
+    # (prompt tuning's tokens join the input; prefix tuning's only the keys): the memory check
+    # before training counts them.
+    extra_positions: Callable[[BaseModel], tuple[int, int]] = field(
+        default=lambda args: (0, 0))
 
     @property
     def trains(self) -> bool:

@@ -7,6 +7,7 @@ from peft import LoraConfig, TaskType
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from peftlab.errors import ConfigError
 from peftlab.methods.base import Method, MethodContext
 from peftlab.methods.peft_common import wrap
 from peftlab.pack import routed_model
@@ -20,7 +21,19 @@ class Args(BaseModel):
     target_modules: list[str] = Field(default_factory=lambda: ["q", "v"], min_length=1)
 
 
+def _check_rank(model: nn.Module, args: Args) -> None:
+    """A rank above a targeted layer's smaller side adds nothing a full update lacks, and a
+    huge one allocates without end: refused before peft builds the factors."""
+    sides = [min(m.in_features, m.out_features) for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and name.split(".")[-1] in args.target_modules]
+    if sides and args.r > min(sides):
+        raise ConfigError(f"`method_args.r` is {args.r:,}: larger than the {min(sides):,} "
+                          "features of the smallest targeted layer; a rank above it adds "
+                          "nothing (full rank is reached at that size)")
+
+
 def apply(model: nn.Module, args: Args, ctx: MethodContext, for_inference: bool) -> nn.Module:
+    _check_rank(model, args)
     config = LoraConfig(
         task_type=TaskType.SEQ_2_SEQ_LM, r=args.r, lora_alpha=args.alpha,
         lora_dropout=args.dropout, target_modules=list(args.target_modules), bias="none",

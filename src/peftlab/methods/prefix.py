@@ -30,6 +30,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 from peftlab.dropout import attention_forward
+from peftlab.limits import MAX_TOKENS
 from peftlab.methods.base import Method, MethodContext, freeze, load_named_state
 from peftlab.pack import Router, Stack, routed_model
 
@@ -39,7 +40,7 @@ KINDS = ("encoder", "decoder_self", "decoder_cross")
 
 class Args(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    num_prefix_tokens: int = Field(20, ge=1)
+    num_prefix_tokens: int = Field(20, ge=1, le=MAX_TOKENS)
     reparameterize: bool = Field(True, description="Li & Liang's MLP during training")
     hidden_size: int = Field(512, ge=1, description="MLP hidden width")
     init: Literal["random", "vocab"] = Field(
@@ -325,4 +326,5 @@ def route(model: nn.Module, stacks: dict[str, Stack], router: Router) -> None:
 METHOD = Method("prefix", Args, apply, default_learning_rate=5e-3, adds_parameters=True,
                 summary="prefix tuning (Li & Liang): learned key/value prefixes in every attention",
                 export_state=export_state, load_state=load_state, route=route,
-                families=("t5", "bart"))
+                families=("t5", "bart"),
+                extra_positions=lambda args: (0, args.num_prefix_tokens))

@@ -7,6 +7,7 @@ nothing and doubles the reported count.
 
 from __future__ import annotations
 
+import types
 from typing import Any, Literal
 
 import torch
@@ -14,13 +15,14 @@ from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from peftlab.limits import MAX_TOKENS
 from peftlab.methods.base import Method, MethodContext
 from peftlab.pack import Router, Stack, per_row
 
 
 class Args(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    num_virtual_tokens: int = Field(20, ge=1)
+    num_virtual_tokens: int = Field(20, ge=1, le=MAX_TOKENS)
     init: Literal["vocab", "random", "text"] = Field(
         "vocab", description="vocab: embeddings of tokens sampled from the most common ones "
         "(Lester et al.)"
@@ -79,18 +81,25 @@ def apply(model: nn.Module, args: Args, ctx: MethodContext, for_inference: bool)
     return wrapped
 
 
+def _routed_prompt(self: nn.Module, batch_size: int, task_ids: Any = None,
+                   max_cache_len: Any = None) -> torch.Tensor:
+    """peft's `get_prompt` with each row's member's prompt, read through the model it is bound
+    to: a deep copy of the model (its bf16 evaluation copy) rebinds it to the copy's pack,
+    whose stacks and router are the copy's. A closure kept the original's, so the copy read
+    the fp32 prompt and an idle router."""
+    pack = self.peftlab_pack
+    (stack,) = pack.stacks.values()
+    return per_row(stack, pack.router, batch_size)
+
+
 def route(model: nn.Module, stacks: dict[str, Stack], router: Router) -> None:
     """Each row's member's prompt. peft builds the batch's prompts in `get_prompt` (one row
     repeated: `prompts.repeat(batch_size, 1, 1)`); here each row gets its member's, and peft's
     forward puts them before the input and extends the mask as before."""
-    (stack,) = stacks.values()
-
-    def get_prompt(batch_size: int, task_ids: Any = None, max_cache_len: Any = None) -> torch.Tensor:
-        return per_row(stack, router, batch_size)
-
-    model.get_prompt = get_prompt
+    model.get_prompt = types.MethodType(_routed_prompt, model)
 
 
 METHOD = Method("prompt", Args, apply, default_learning_rate=0.3, adds_parameters=True,
                 summary="prompt tuning (Lester et al.): learned embeddings before the encoder input",
-                route=route)
+                route=route,
+                extra_positions=lambda args: (args.num_virtual_tokens, args.num_virtual_tokens))

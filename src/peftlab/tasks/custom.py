@@ -83,7 +83,7 @@ def build(args: Args) -> Task:
                     raise DataError(f"{where}: missing column(s) {missing}")
         else:
             rows = [(f"{source}:{i}", r) for i, r in read_table(source, cols)]
-        examples = []
+        examples, seen = [], {}
         for n, (where, r) in enumerate(rows):
             text = str(r[args.input_column]).strip()
             target = str(r[args.target_column]).strip()
@@ -100,6 +100,10 @@ def build(args: Args) -> Task:
             elif not target:
                 raise DataError(f"{where}: empty `{args.target_column}`")
             key = str(r[args.id_column]) if args.id_column else f"{split}-{n}"
+            if key in seen:  # predictions, tests and the report pair examples by id
+                raise DataError(f"{where}: id {key!r} again (first at {seen[key]}); every "
+                                f"`{args.id_column}` of a split must be unique")
+            seen[key] = where
             examples.append(Example(key, args.template.format(text=text), target, label, text))
         return examples
 
