@@ -57,22 +57,31 @@ def batches(members: int, steps: int, train_size: int = 256, task: str = "sst2",
     return out
 
 
+def _clock(device: torch.device) -> float:
+    """The time, after the device's queued work is done (a GPU runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 @flushed_denormals()
-def measure(name: str, members: int, steps: int, model: str = MODEL, **shape
+def measure(name: str, members: int, steps: int, model: str = MODEL,
+            device: torch.device = torch.device("cpu"), bf16: bool = False, **shape
             ) -> tuple[float, float, float]:
     method = METHODS[name]
     args, ctx = method.Args(), MethodContext(default_tokenizer_for(model), steps)
     data = batches(members, steps, **shape)
-    base = load_model(model)
+    base = load_model(model).to(device)
     states = [initial_state(method, args, ctx, base, seed) for seed in range(members)]
-    pack = Pack(method.apply(copy.deepcopy(base), args, ctx, False).train(), states, method.route)
+    pack = Pack(method.apply(copy.deepcopy(base), args, ctx, False).to(device).train(),
+                [{n: t.to(device) for n, t in st.items()} for st in states], method.route)
     pack_opts = [torch.optim.AdamW([p for _, p in pack.parameters(m)], lr=1e-3, fused=True)
                  for m in range(members)]
     torch.manual_seed(0)
-    alone = method.apply(copy.deepcopy(base), args, ctx, False).train()
+    alone = method.apply(copy.deepcopy(base), args, ctx, False).to(device).train()
     # each side draws its dropout masks as training does: per member (peftlab.dropout)
-    pack_masks = MemberMasks(list(range(members)), torch.device("cpu"))
-    alone_masks = [MemberMasks([m], torch.device("cpu")) for m in range(members)]
+    pack_masks = MemberMasks(list(range(members)), device)
+    alone_masks = [MemberMasks([m], device) for m in range(members)]
     Pack(alone, [{n: p.detach() for n, p in alone.named_parameters() if p.requires_grad}],
          method.route)  # a run alone: a pack of one
     alone_params = [p for _, p in alone.peftlab_pack.parameters(0)]
@@ -80,25 +89,25 @@ def measure(name: str, members: int, steps: int, model: str = MODEL, **shape
     packed, one_batch, sequential = [], [], []
     for step in range(steps):
         for chunk_cost, times in ((None, packed), (float("inf"), one_batch)):
-            began = time.perf_counter()
+            began = _clock(device)
             with member_dropout(pack.model, pack_masks):
-                step_gradients(pack, [[b[step]] for b in data], torch.device("cpu"), False, 0,
+                step_gradients(pack, [[b[step]] for b in data], device, bf16, 0,
                                pack_masks, chunk_cost=chunk_cost)
             for m, opt in enumerate(pack_opts):
                 torch.nn.utils.clip_grad_norm_([p for _, p in pack.parameters(m)], 1.0,
                                                foreach=True)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            times.append(time.perf_counter() - began)
-        began = time.perf_counter()
+            times.append(_clock(device) - began)
+        began = _clock(device)
         for m in range(members):  # the same work as P unpacked runs' steps
             with member_dropout(alone, alone_masks[m]):
-                step_gradients(alone.peftlab_pack, [[data[m][step]]], torch.device("cpu"),
-                               False, 0, alone_masks[m])
+                step_gradients(alone.peftlab_pack, [[data[m][step]]], device, bf16, 0,
+                               alone_masks[m])
             torch.nn.utils.clip_grad_norm_(alone_params, 1.0, foreach=True)
             alone_opt.step()
             alone_opt.zero_grad(set_to_none=True)
-        sequential.append(time.perf_counter() - began)
+        sequential.append(_clock(device) - began)
     return (statistics.median(packed[1:]), statistics.median(one_batch[1:]),
             statistics.median(sequential[1:]))
 
@@ -112,17 +121,21 @@ def main() -> None:
     parser.add_argument("--task", default="sst2", choices=sorted(SHAPES))
     parser.add_argument("--batch-size", type=int, help="default: the task's in SHAPES")
     parser.add_argument("--lengths", help="SOURCE,TARGET token limits; default: SHAPES")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast, as training on a GPU")
     args = parser.parse_args()
     shape = dict(task=args.task, batch_size=args.batch_size,
                  lengths=tuple(int(n) for n in args.lengths.split(",")) if args.lengths else None)
-    print(f"model {args.model}, {shape}, threads {torch.get_num_threads()}")
+    device = torch.device(args.device)
+    print(f"model {args.model}, {shape}, {device}, bf16 {args.bf16}, "
+          f"threads {torch.get_num_threads()}")
     print(f"{'method':8s} {'P':>3s} {'packed s/step':>14s} {'one batch s':>12s} "
           f"{'one by one s':>13s} {'speedup':>8s} {'(one batch)':>12s} {'packed ex/s':>12s}")
     rows = args.batch_size or SHAPES[args.task][0]
     for name in args.methods.split(","):
         for members in (int(p) for p in args.members.split(",")):
             packed, one_batch, sequential = measure(name, members, args.steps, args.model,
-                                                   **shape)
+                                                   device, args.bf16, **shape)
             print(f"{name:8s} {members:3d} {packed:14.3f} {one_batch:12.3f} {sequential:13.3f} "
                   f"{sequential / packed:7.2f}x {sequential / one_batch:11.2f}x "
                   f"{rows * members / packed:12.1f}", flush=True)

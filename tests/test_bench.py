@@ -304,3 +304,27 @@ def test_pack_section_runs_each_pack_size_beside_the_unpacked_runs_and_reports_t
     assert "## Packed training (`peftlab run --pack P`)" in text
     assert "| sst2/lora | 8 | 1 | 2 | 8 | 50.0 | 576 | 2.00x | 10.00% |" in text
     assert "| study | 4 |  | 2 | 151 | 80.0 | 6795 | 1.25x |" in text
+
+
+def test_pack_measurement_workers_split_the_host_on_a_gpu_too(monkeypatch):
+    """8 workers sharing a GPU each got every host thread (cpu_threads None on CUDA), which
+    oversubscribed the host and slowed the 8-process baseline; forced GPU branch here."""
+    import peftlab.study
+    from peftlab.bench import SHAPES, measure_pack
+    from peftlab.study import threads_per_worker
+
+    captured = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_execute(cells, **kwargs):
+        captured.extend(cells)
+        raise Stop
+
+    monkeypatch.setattr(peftlab.study, "gpu_count", lambda: 1)
+    monkeypatch.setattr(peftlab.study, "execute", fake_execute)
+    with pytest.raises(Stop):
+        measure_pack("lora", next(iter(SHAPES)), pack=1, n_runs=2, workers=8)
+    assert len(captured) == 2
+    assert {c.config.cpu_threads for c in captured} == {threads_per_worker(8)}

@@ -250,3 +250,21 @@ def test_label_scores_sum_and_mean():
     lengths = np.array([2.0, 3.0])
     assert label_scores(lp, lengths, "sum").tolist() == [[-1.5, pytest.approx(-0.9)]]
     assert label_scores(lp, lengths, "mean").tolist() == [[-0.75, pytest.approx(-0.3)]]
+
+
+def test_label_log_probabilities_are_computed_a_chunk_of_rows_at_a_time(monkeypatch):
+    """score - logsumexp over chunks of rows equals the full log-softmax's picks, padding 0,
+    with bf16 logits too (a pack evaluated together on a GPU)."""
+    import peftlab.evaluate as evaluate
+
+    torch.manual_seed(0)
+    logits = torch.randn(7, 5, 50) * 4
+    labels = torch.randint(0, 50, (7, 5))
+    labels[2, 3:] = evaluate.IGNORE_INDEX
+    reference = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    reference = reference * (labels != evaluate.IGNORE_INDEX)
+    monkeypatch.setattr(evaluate, "LOGPROB_CHUNK_ELEMENTS", 2 * 5 * 50)  # 2 rows a chunk
+    chunked = evaluate._picked_logprobs(logits, labels)
+    assert torch.allclose(chunked, reference, atol=1e-5) and (chunked[2, 3:] == 0).all()
+    half = evaluate._picked_logprobs(logits.bfloat16(), labels)
+    assert half.dtype == torch.float32 and torch.allclose(half, reference, atol=0.1)

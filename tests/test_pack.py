@@ -287,3 +287,59 @@ def test_a_step_in_length_chunks_equals_it_in_one_batch_dropout_included(name, a
     chunked_losses, chunked_grads = step(0)
     assert chunked_losses == pytest.approx(one_losses, rel=1e-5)
     assert all(close(a, b, 1e-5) for a, b in zip(chunked_grads, one_grads))
+
+
+@pytest.mark.parametrize("name", ["lora", "ln"])
+def test_a_members_initial_state_shares_the_frozen_base_and_leaves_it_as_it_was(name):
+    """A method that adds tensors gets a copy sharing the base weights (no 77M copy per
+    member); its initial state is what a full copy gives, and the base model keeps its
+    values and trainability. Layer-norm tuning trains base weights: a full copy."""
+    method = METHODS[name]
+    args = method.Args.model_validate({})
+    ctx = MethodContext(str(TOKENIZER_DIR), 10)
+    base = load_model("t5-tiny")
+    before = {n: (p.detach().clone(), p.requires_grad) for n, p in base.named_parameters()}
+    copies = []
+    real = copy.deepcopy
+
+    def counting(obj, memo=None):
+        copies.append(len(memo or {}))
+        return real(obj, memo)
+
+    import peftlab.pack as pack_module
+
+    pack_module.copy.deepcopy, saved = counting, pack_module.copy.deepcopy
+    try:
+        shared = initial_state(method, args, ctx, base, seed=3)
+    finally:
+        pack_module.copy.deepcopy = saved
+    torch.manual_seed(3)
+    reference = method.apply(copy.deepcopy(base), args, ctx, False)
+    expected = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+    assert shared.keys() == expected.keys()
+    assert all(torch.equal(shared[n], expected[n]) for n in shared)
+    assert (copies[0] > 0) == method.adds_parameters  # the memo held the base's tensors
+    for n, p in base.named_parameters():
+        assert torch.equal(p, before[n][0]) and p.requires_grad == before[n][1], n
+
+
+def test_the_router_reads_its_runs_of_members_from_the_host_copy(monkeypatch):
+    """A route on a GPU read with `tolist` makes the host wait for the GPU at every chunk:
+    the runs of members come from the host copy the step passes along."""
+    from peftlab.pack import Router
+
+    router = Router(3)
+    device_route = torch.tensor([0, 0, 2, 2, 2])  # stands for the GPU tensor
+    host = device_route.clone()
+    seen = []
+    real = torch.unique_consecutive
+
+    def spy(t, **kwargs):
+        seen.append(t)
+        return real(t, **kwargs)
+
+    monkeypatch.setattr(torch, "unique_consecutive", spy)
+    with router.routing(device_route, host):
+        assert router.segments(10) == [(0, 4), (2, 6)]
+    assert seen and all(t is host for t in seen)
+    assert router.route is None and router.host_route is None

@@ -276,3 +276,16 @@ def test_ray_cluster_started_apart_with_a_relative_out_from_another_folder(tmp_p
         assert second.returncode == 0 and "nothing to run" in second.stdout, second.stdout
     finally:
         subprocess.run([str(ray_bin), "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_workers_are_pinned_to_the_gpus_the_parent_was_given(monkeypatch):
+    """Under CUDA_VISIBLE_DEVICES=2,3 a worker pinned to '0' would take the machine's GPU 0,
+    outside the parent's share."""
+    from peftlab.study import worker_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert worker_gpus(2) == ["2", "3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a1b2, GPU-c3d4")
+    assert worker_gpus(2) == ["GPU-a1b2", "GPU-c3d4"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert worker_gpus(3) == ["0", "1", "2"]

@@ -533,7 +533,9 @@ def measure_pack(method: str, shape: str, pack: int, n_runs: int, workers: int |
             "model": model, "task": task_name, "method": method, "seed": seed,
             "method_args": PACK_METHOD_ARGS.get(method, {}), "max_source_length": src,
             "max_target_length": tgt, **settings,
-            "cpu_threads": None if cuda else threads_per_worker(workers),
+            # the host's CPUs split between the workers, on a GPU too (8 workers of 16
+            # threads each oversubscribed a 16-core host and slowed the 8-process baseline)
+            "cpu_threads": threads_per_worker(workers),
             "output_dir": str(root / f"seed{seed}")})
 
     cells = [Cell(f"seed{i}", config(i), {"seed": i}) for i in range(n_runs)]
