@@ -123,6 +123,7 @@ def test_tiny_benchmark_matches_the_reference_loss_and_keeps_earlier_sections(tm
     assert "| sst2/lora |" in (tmp_path / "bench.md").read_text()
 
 
+@pytest.mark.slow  # 15 s of subprocesses: a benchmark's check
 def test_eval_precision_compares_one_checkpoint_in_fp32_and_bf16():
     from peftlab.bench import measure_eval_precision
 
@@ -249,6 +250,7 @@ def test_grid_on_cpu_runs_up_to_one_worker_per_cpu_and_says_so(tmp_path, monkeyp
     assert "| 2 | 4 | 200 | 10.0 | 1440 |" in text
 
 
+@pytest.mark.slow  # 11 s of runs: a benchmark's check
 def test_grid_measures_runs_through_the_study_runner_on_cpu():
     import os
 

@@ -181,7 +181,9 @@ def test_generation_settings_the_loop_does_not_apply_go_to_generate(tokenizer, s
     assert ranked.generated == generate(model, tokenizer, feats, s)  # penalty applied in both
 
 
-@pytest.mark.parametrize("method,args", METHOD_CASES)
+@pytest.mark.parametrize("method,args", [
+    case if case[0] in ("lora", "prompt") else pytest.param(*case, marks=pytest.mark.slow)
+    for case in METHOD_CASES])
 def test_bf16_evaluation_runs_on_a_copy_close_to_fp32(tokenizer, sst2_val, method, args):
     """bf16 evaluates a bf16 copy: the trained fp32 weights and the train mode are untouched,
     the numbers differ from fp32 (it really ran in bf16) but only by bf16 rounding."""

@@ -264,7 +264,8 @@ def _killed_run(tmp_path: Path) -> tuple[Path, list[str]]:
 
 @pytest.mark.parametrize("damage", [
     pytest.param("missing_key", marks=pytest.mark.slow), "wrong_shape",
-    pytest.param("bad_rng", marks=pytest.mark.slow), "garbage"])
+    pytest.param("bad_rng", marks=pytest.mark.slow),
+    pytest.param("garbage", marks=pytest.mark.slow)])
 def test_a_checkpoint_that_does_not_fit_restarts_the_run_naming_it(tmp_path, damage):
     run_dir, sets = _killed_run(tmp_path)
     step = next((run_dir / "checkpoints").glob("step-*"))

@@ -118,7 +118,8 @@ def test_every_member_trains_as_its_unpacked_run(name, args, member_batches, tok
         assert close(packed_logits[m], logits, 1e-4), m
 
 
-@pytest.mark.parametrize("name,args", [("lora", {}), ("prefix", {})])
+@pytest.mark.parametrize("name,args", [("lora", {}),
+                                       pytest.param("prefix", {}, marks=pytest.mark.slow)])
 def test_members_train_as_their_unpacked_runs_on_the_flan_t5_small_geometry(name, args,
                                                                            member_batches):
     """The real geometry (d_model 512 != 6 heads x 64): two members, two steps."""

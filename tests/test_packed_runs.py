@@ -105,7 +105,7 @@ def test_each_member_of_a_pack_is_its_unpacked_run_sst2(tmp_path, method):
 
 
 @pytest.mark.parametrize("method,task", [(m, "sst2") for m in METHOD_ARGS] + [
-    ("lora", "samsum"), ("prefix", "samsum")])
+    ("lora", "samsum"), pytest.param("prefix", "samsum", marks=pytest.mark.slow)])
 def test_with_dropout_each_member_draws_the_masks_of_its_unpacked_run(tmp_path, method, task):
     """Dropout on (T5's 0.1, and LoRA's own): a member's masks are drawn from its own
     generator at its own shapes (peftlab.dropout), so it still is its unpacked run."""
@@ -136,7 +136,9 @@ def test_each_member_of_a_pack_is_its_unpacked_run_samsum(tmp_path, method):
         assert_same_run(tmp_path / f"packed{i}", tmp_path / f"alone{i}")
 
 
-@pytest.mark.parametrize("method", ["lora", pytest.param("prefix", marks=pytest.mark.slow)])
+# the members' steps on this geometry: tests/test_pack.py (the default suite)
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "prefix"])
 def test_each_member_of_a_pack_is_its_unpacked_run_on_the_flan_t5_small_geometry(tmp_path, method):
     pack_and_alone(tmp_path, MEMBERS[:2], method=method, method_args=METHOD_ARGS[method],
                    model="flan-t5-small-random", train_size=8, val_size=8, test_size=8,
@@ -145,7 +147,7 @@ def test_each_member_of_a_pack_is_its_unpacked_run_on_the_flan_t5_small_geometry
         assert_same_run(tmp_path / f"packed{i}", tmp_path / f"alone{i}")
 
 
-@pytest.mark.parametrize("method", ["lora", "prefix"])
+@pytest.mark.parametrize("method", ["lora", pytest.param("prefix", marks=pytest.mark.slow)])
 def test_members_with_training_samples_of_different_sizes_are_their_unpacked_runs(tmp_path,
                                                                                  method):
     """A study's train sizes share packs: each member draws its own sample (8, 16 or 40
@@ -237,7 +239,8 @@ def test_runs_that_differ_in_more_than_seed_rate_and_train_size_are_refused(tmp_
 
 @pytest.mark.parametrize("method,task", [
     *[pytest.param(m, "sst2", marks=pytest.mark.slow if m in ("ia3", "prompt") else ())
-      for m in METHOD_ARGS], ("prefix", "samsum")])  # peft's own (IA)3 and prompt: slow only
+      for m in METHOD_ARGS],
+    pytest.param("prefix", "samsum", marks=pytest.mark.slow)])  # peft's (IA)3, prompt: slow
 def test_each_member_of_a_bart_pack_is_its_unpacked_run(tmp_path, method, task):
     """BART (LayerNorms with biases, biased projections, learned positions; LoRA on q_proj and
     v_proj by the family's defaults) packs as T5 does, with dropout off (see above)."""

@@ -73,7 +73,8 @@ def straight(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method,moment", [
-    ("lora", "step0"), pytest.param("lora", 5, marks=pytest.mark.slow),
+    pytest.param("lora", "step0", marks=pytest.mark.slow),
+    pytest.param("lora", 5, marks=pytest.mark.slow),
     pytest.param("lora", 25, marks=pytest.mark.slow), ("prefix", 15),  # mid-run: prefix
 ])
 def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, straight, method, moment):
