@@ -34,30 +34,7 @@ step() {  # step NAME SECONDS COMMAND...: run it under its limit, log output and
     return 0
 }
 
-preflight() {
-    # the image's torch stays: a venv that sees the system packages, the wheels offline
-    if [ -d gpu/wheels ] && [ -z "${GPU_CHECK_NO_INSTALL:-}" ]; then
-        "$py" -m venv --system-site-packages /tmp/gpu-check-venv || return 1
-        py=/tmp/gpu-check-venv/bin/python
-        "$py" -m pip install -q --no-index --find-links gpu/wheels -r gpu/requirements.txt \
-            || return 1
-    fi
-    "$py" - <<'PY'
-import importlib, torch
-for name in ("transformers", "peft", "pydantic", "typer", "rich", "pandas", "rouge_score",
-             "pysbd", "safetensors", "tokenizers", "yaml", "numpy", "peftlab.run",
-             "peftlab.study", "peftlab.bench"):
-    module = importlib.import_module(name)
-    print(name, getattr(module, "__version__", ""))
-print("torch", torch.__version__, "cuda", torch.version.cuda)
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    print("gpu", p.name, f"{p.total_memory / 2**30:.0f} GiB", "bf16",
-          torch.cuda.is_bf16_supported())
-PY
-}
-
-step preflight 60 preflight
+step preflight 60 env GPU_CHECK_PYTHON="$py" bash benchmarks/gpu_preflight.sh
 if [ -x /tmp/gpu-check-venv/bin/python ]; then py=/tmp/gpu-check-venv/bin/python; fi
 step correctness 75 "$py" benchmarks/gpu_correctness.py --device "$device" --model "$model" \
     --out "$OUT"
