@@ -56,6 +56,14 @@ def test_a_peft_adapter_loads_in_plain_peft_and_predicts_what_the_run_did(tmp_pa
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "adapter_config.json").is_file()
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    import json
+
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base)  # peft left it empty
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"# {method} on sst2, base model {base}" in card
+    assert "| test | accuracy |" in card and "PeftModel.from_pretrained" in card
+    assert "Writing model shards" not in result.output
     model = PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(base),
                                       tmp_path / "out").eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")

@@ -102,6 +102,34 @@ def test_offline_a_hub_model_fails_at_once_saying_how_to_download_it(monkeypatch
         load_hub_split("glue", "sst2", "train")
 
 
+def test_an_unreachable_hub_puts_huggingface_hub_offline_so_nothing_retries(monkeypatch,
+                                                                             capfd):
+    """`local_files_only` did not reach every request: transformers still asked the hub for
+    a model's adapter_config.json, with five retries and backoff (29 s) before the error."""
+    import socket
+
+    from huggingface_hub import constants
+
+    import peftlab.hub
+    from peftlab.errors import ModelLoadError
+
+    def unreachable(*args, **kwargs):
+        raise OSError("no route")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    peftlab.hub.hub_reachable.cache_clear()
+    try:
+        assert peftlab.hub.hub_reachable() is False and constants.HF_HUB_OFFLINE is True
+        assert not peftlab.hub.offline_by_setting()  # the user's setting stays theirs
+        with pytest.raises(ModelLoadError, match="cannot be reached"):
+            peftlab.models.load_model("google/flan-t5-base")
+    finally:
+        peftlab.hub.hub_reachable.cache_clear()
+    assert "Retrying" not in capfd.readouterr().err
+
+
 def test_the_hub_probe_respects_the_offline_setting(monkeypatch):
     import peftlab.hub
 

@@ -120,6 +120,9 @@ def test_methods_lists_exact_counts():
     for count in ("9,216", "1,280", "7,680", "1,408", "768", "4,359,168"):
         assert count in result.output
     assert "lead-3" in result.output
+    # off a terminal, no cell is folded mid-word at 80 columns
+    assert '"target_modules": ["q", "v"]}' in result.output
+    assert '{"num_virtual_tokens": 20, "init": "vocab"' in result.output
 
 
 def test_methods_lists_exact_counts_on_bart_with_its_defaults():

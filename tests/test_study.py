@@ -289,3 +289,27 @@ def test_workers_are_pinned_to_the_gpus_the_parent_was_given(monkeypatch):
     assert worker_gpus(2) == ["GPU-a1b2", "GPU-c3d4"]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert worker_gpus(3) == ["0", "1", "2"]
+
+
+def test_a_study_without_a_terminal_logs_its_progress(monkeypatch, caplog):
+    """The study's bar is off in a job log: a line every PEFTLAB_PROGRESS_SECONDS instead,
+    with runs done of the total, their statuses and an ETA, even while no run finishes."""
+    import logging
+
+    from peftlab.study import StudyProgressLines
+
+    monkeypatch.setenv("PEFTLAB_PROGRESS_SECONDS", "0.05")
+    counts: dict[str, int] = {}
+    with caplog.at_level(logging.INFO, logger="peftlab"):
+        lines = StudyProgressLines(4, counts, enabled=True)
+        time.sleep(0.2)
+        counts.update(completed=2, failed=1)
+        time.sleep(0.2)
+        lines.stop()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("study:")]
+    assert said[0].startswith("study: 0/4 runs done, ") and said[0].endswith("ETA -")
+    assert "study: 3/4 runs done (2 completed, 1 failed)" in said[-1]
+    assert "ETA" in said[-1] and not said[-1].endswith("ETA -")
+    quiet = StudyProgressLines(4, counts, enabled=False)
+    quiet.stop()
+    assert quiet.thread is None

@@ -12,15 +12,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from peftlab import __version__
 from peftlab.errors import PeftlabError, describe_cause
-from peftlab.files import write_json
+from peftlab.files import atomic_write_text, write_json
 from peftlab.records import ADAPTER, CONFIG, SUMMARY, read_json
 
 MARKER = "peftlab_adapter.json"
@@ -93,9 +97,20 @@ def export_run(run_dir: str | Path, to: str | Path, merge: bool = False,
                                         "no longer tied")
                 merged = model.merge_and_unload() if hasattr(model, "merge_and_unload") \
                     else model
-            merged.save_pretrained(partial)
+            if getattr(merged.config, "tie_word_embeddings", False) and \
+                    merged.get_output_embeddings() is not None and \
+                    merged.get_output_embeddings().weight is not \
+                    merged.get_input_embeddings().weight:
+                # peftlab unties T5's head (peftlab.models): the folder says so, or loading it
+                # warns that the config's tying is not applied
+                merged.config.tie_word_embeddings = False
+            with _quiet_progress():
+                merged.save_pretrained(partial)
         elif hasattr(model, "peft_config"):
-            model.save_pretrained(partial)
+            for config in model.peft_config.values():  # peft leaves it empty for a preset
+                config.base_model_name_or_path = cfg.model
+            with _quiet_progress():
+                model.save_pretrained(partial)
         else:
             shutil.copyfile(run_dir / CONFIG, partial / CONFIG)
             shutil.copyfile(run_dir / ADAPTER, partial / ADAPTER)
@@ -104,6 +119,8 @@ def export_run(run_dir: str | Path, to: str | Path, merge: bool = False,
                                           "load": "peftlab.load_adapter(DIR)"})
         step = "the tokenizer"
         s.tokenizer.save_pretrained(partial)
+        step = "the card"
+        atomic_write_text(partial / "README.md", model_card(cfg, run_dir, merge))
         step = "the folder's final name"
         if to.is_dir():
             to.rmdir()  # the empty folder checked above
@@ -115,6 +132,50 @@ def export_run(run_dir: str | Path, to: str | Path, merge: bool = False,
         raise PeftlabError(f"export to {to} failed while writing {step}{where}: {cause}. "
                            f"Nothing was left at {to}; fix that and export again") from None
     return to
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """No "Writing model shards" bar in an export's output."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
+def model_card(cfg: Any, run_dir: Path, merge: bool) -> str:
+    """A short README.md: what was trained on what, what it scored, how to load it, and the
+    run's resolved config (peft's template card was left empty)."""
+    summary = read_json(run_dir / SUMMARY)
+    metrics = "\n".join(f"| {split} | {name} | {value:.4g} |"
+                        for split in ("val", "test")
+                        for name, value in (summary.get(f"{split}_metrics") or {}).items()
+                        if isinstance(value, int | float))
+    if merge:
+        load = ("from transformers import AutoModelForSeq2SeqLM, AutoTokenizer\n"
+                "model = AutoModelForSeq2SeqLM.from_pretrained(DIR)\n"
+                "tokenizer = AutoTokenizer.from_pretrained(DIR)")
+    elif cfg.method in ("prefix", "ln"):
+        load = "import peftlab\nmodel, tokenizer = peftlab.load_adapter(DIR)"
+    else:
+        load = ("from peft import PeftModel\nfrom transformers import AutoModelForSeq2SeqLM\n"
+                f"base = AutoModelForSeq2SeqLM.from_pretrained({cfg.model!r})\n"
+                "model = PeftModel.from_pretrained(base, DIR)")
+    return (f"---\nbase_model: {cfg.model}\nlibrary_name: {'transformers' if merge else 'peft'}"
+            f"\ntags:\n- peftlab\n- {cfg.method}\n---\n\n"
+            f"# {cfg.method} on {cfg.task}, base model {cfg.model}\n\n"
+            f"Trained by peftlab {__version__}{' and merged into the base weights' if merge else ''}"
+            f": {summary.get('train_size')} training examples, seed {cfg.seed}, learning rate "
+            f"{cfg.learning_rate:g}, {summary.get('steps_done')} steps; the state exported is "
+            f"the checkpoint chosen on validation (step {summary.get('best_step')}). Run "
+            f"status: {summary.get('status')}.\n\n| split | metric | value |\n|---|---|---|\n"
+            f"{metrics}\n\n## Load\n\n```python\n{load}\n```\n\n## The run's config\n\n"
+            f"```yaml\n{yaml.safe_dump(cfg.model_dump(), sort_keys=False)}```\n")
 
 
 def load_adapter(folder: str | Path) -> tuple[Any, Any]:

@@ -310,7 +310,10 @@ def methods_cmd(
                           lr, settings)
 
     _guarded(rows)
-    console.print(table)
+    # Off a terminal (a pipe, a log) rich assumes 80 columns and folds cells mid-word: the
+    # table gets the width it needs instead.
+    out = console if console.is_terminal else Console(width=1000)
+    out.print(table)
     for name, m in METHODS.items():
-        console.print(f"  [bold]{name}[/]: {m.summary}", highlight=False)
+        out.print(f"  [bold]{name}[/]: {m.summary}", highlight=False, soft_wrap=True)
 

@@ -33,8 +33,22 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     try:
         socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
     except OSError:
+        _offline_for_this_process()
         return False
     return True
+
+
+def _offline_for_this_process() -> None:
+    """huggingface_hub's offline mode from here on: `local_files_only` does not reach every
+    request (transformers 5 still asked the hub for a model's adapter_config.json, five
+    retries with backoff: 29 s before the error)."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return
+    # read from the environment at import: set here for this process only (a user's setting
+    # stays theirs, and `offline_by_setting` still tells it from this)
+    constants.HF_HUB_OFFLINE = True
 
 
 def download_hint(name: str, what: str) -> str:

@@ -17,6 +17,7 @@ import re
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -562,6 +563,39 @@ def default_workers(cells: list[Cell], runs_per_gpu: int) -> int:
     return max(1, min(len(cells), (os.cpu_count() or 1) // threads))
 
 
+class StudyProgressLines:
+    """Without a terminal the study's bar is off: a log line every `PEFTLAB_PROGRESS_SECONDS`
+    (default 30) instead, from a timer thread, so a long pack still shows the study is alive
+    (a job log showed nothing for 8 minutes between the plan and the final count)."""
+
+    def __init__(self, total: int, counts: dict[str, int], enabled: bool):
+        self.total, self.counts = total, counts
+        self.began = time.perf_counter()
+        self.stopped = threading.Event()
+        self.every = float(os.environ.get("PEFTLAB_PROGRESS_SECONDS", "30"))
+        self.thread = threading.Thread(target=self._loop, daemon=True) if enabled else None
+        if self.thread is not None:
+            self.thread.start()
+
+    def line(self) -> str:
+        done = sum(self.counts.values())
+        elapsed = time.perf_counter() - self.began
+        eta = (self.total - done) * elapsed / done if done else None
+        statuses = ", ".join(f"{n} {status}" for status, n in sorted(self.counts.items()))
+        return (f"study: {done}/{self.total} runs done" + (f" ({statuses})" if statuses else "")
+                + f", {elapsed / 60:.1f} min so far, ETA "
+                + (f"{eta / 60:.1f} min" if eta is not None else "-"))
+
+    def _loop(self) -> None:
+        while not self.stopped.wait(self.every):
+            log.info(self.line())
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.thread is not None:
+            self.thread.join()
+
+
 @dataclass
 class Outcome:
     counts: dict[str, int]
@@ -579,6 +613,7 @@ def execute(cells: list[Cell], workers: int = 1, backend: Literal["local", "ray"
     counts: dict[str, int] = {}
     locked: list[str] = []
     bar = tqdm(total=len(cells), desc="study", unit="run", disable=not progress or None)
+    lines = StudyProgressLines(len(cells), counts, enabled=progress and bar.disable)
 
     def done(cell: Cell, status: str) -> None:
         if status.startswith("locked: "):
@@ -595,7 +630,19 @@ def execute(cells: list[Cell], workers: int = 1, backend: Literal["local", "ray"
         for cell, status in zip(group, statuses):
             done(cell, status)
 
-    groups = packs(cells, pack, slots=workers if backend == "local" else 1)
+    try:
+        _execute_groups(packs(cells, pack, slots=workers if backend == "local" else 1),
+                        workers, backend, address, runs_per_gpu, progress, arguments, finished)
+    finally:
+        bar.close()
+        lines.stop()
+    return Outcome(counts, locked)
+
+
+def _execute_groups(groups: list[list[Cell]], workers: int, backend: str, address: str | None,
+                    runs_per_gpu: int, progress: bool, arguments: Callable,
+                    finished: Callable) -> None:
+    """Each group (pack) on the backend: in this process, in worker processes, or on Ray."""
     if backend == "ray":
         _execute_ray(groups, address, runs_per_gpu, finished)
     elif workers <= 1:
@@ -620,8 +667,6 @@ def execute(cells: list[Cell], workers: int = 1, backend: Literal["local", "ray"
                        for g in groups}
             for future in as_completed(futures):
                 finished(futures[future], future.result())
-    bar.close()
-    return Outcome(counts, locked)
 
 
 # What a run reads from its environment: a Ray worker started elsewhere must see the same
