@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import warnings
@@ -107,10 +108,14 @@ def export_run(run_dir: str | Path, to: str | Path, merge: bool = False,
             with _quiet_progress():
                 merged.save_pretrained(partial)
         elif hasattr(model, "peft_config"):
-            for config in model.peft_config.values():  # peft leaves it empty for a preset
-                config.base_model_name_or_path = cfg.model
             with _quiet_progress():
                 model.save_pretrained(partial)
+            # peft leaves the base model empty (the model was built from a preset or a
+            # folder); set after saving, as setting it before made peft look the name up on
+            # the hub to check the vocabulary
+            adapter_config = json.loads((partial / "adapter_config.json").read_text())
+            adapter_config["base_model_name_or_path"] = cfg.model
+            write_json(partial / "adapter_config.json", adapter_config)
         else:
             shutil.copyfile(run_dir / CONFIG, partial / CONFIG)
             shutil.copyfile(run_dir / ADAPTER, partial / ADAPTER)
