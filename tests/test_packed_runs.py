@@ -9,7 +9,8 @@ get 1e-3: they are computed after the steps, whose Adam updates (normalised by t
 size) turn rounding in near-zero gradients into differences of the learning rate's size; on
 the flan-t5-small geometry at learning rate 1e-2 the validation loss after 3 steps was 3.7e-4
 off while the training losses stayed within 1e-5. Accuracy, ROUGE, selected step and every
-prediction must be equal.
+prediction must be equal. These runs are a few steps long; over 600 steps rounding grows where
+training is unstable (docs/reliability.md, benchmarks/pack_tolerance.py).
 """
 
 import math
