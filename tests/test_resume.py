@@ -99,10 +99,24 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path, straight,
 
 
 def test_a_different_config_in_an_unfinished_run_folder_is_refused(tmp_path):
-    kill_after_checkpoint(command(tmp_path, "r"), tmp_path / "r", 5)
-    other = subprocess.run(command(tmp_path, "r", seed=5), capture_output=True, text=True)
-    assert other.returncode == 2
-    assert "different config (seed: 0 -> 5)" in " ".join(other.stderr.split())
+    """An unfinished run (its config.yaml and a checkpoint, no summary, as a kill leaves it)
+    is not resumed with another seed: the changed key is named, nothing is touched."""
+    from typer.testing import CliRunner
+
+    from peftlab.cli import app
+    from peftlab.config import resolve_run_config
+    from peftlab.files import write_yaml
+
+    sets = tiny_run_sets(tmp_path, output_dir=str(tmp_path / "r"))
+    cfg = resolve_run_config(dict(s.split("=", 1) for s in sets))
+    write_yaml(tmp_path / "r" / "config.yaml", cfg.model_dump())
+    (tmp_path / "r" / "checkpoints").mkdir()
+    (tmp_path / "r" / "checkpoints" / "latest.json").write_text('{"step": 2}')
+    other = CliRunner().invoke(app, ["train", "--quiet", *[x for s in sets + ["seed=5"]
+                                                            for x in ("--set", s)]])
+    assert other.exit_code == 2
+    assert "different config (seed: 0 -> 5)" in " ".join(other.output.split())
+    assert (tmp_path / "r" / "checkpoints" / "latest.json").read_text() == '{"step": 2}'
 
 
 def test_a_run_that_stopped_early_stays_stopped_when_resumed(tmp_path, monkeypatch):
