@@ -337,7 +337,7 @@ def test_the_reader_is_told_what_the_numbers_rest_on(tmp_path):
     paths = write_report(tmp_path)
     md = paths["markdown"].read_text()
     assert "## sst2: test accuracy (%) (test = GLUE dev)" in md
-    assert "the test split is the GLUE SST-2 dev set" in md
+    assert "the test examples come from the GLUE SST-2 dev set" in md
     assert "Model: t5-tiny (peftlab's randomly initialised preset" in md
     assert "Flan" not in md.split("## Findings")[0]
     assert "over seeds with the test set held fixed" in md

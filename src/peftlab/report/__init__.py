@@ -289,9 +289,12 @@ def findings(runs: pd.DataFrame, best: pd.DataFrame, sig: pd.DataFrame,
                    f"{STEP0_MARK} in the tables): {names}.")
     edge = trained[trained.rate_at_edge]
     if len(edge):
+        two = " (with two candidates every choice is an edge)" \
+            if (view[view.method_name.isin(edge.method_name)].groupby(
+                ["task", "label", "train_size"]).learning_rate.nunique() <= 2).all() else ""
         out.append(f"{len(edge)} of {len(trained)} reported trained configurations use the "
-                   f"smallest or largest learning-rate candidate ({EDGE_MARK} in the tables): "
-                   "the best rate may lie outside the grid.")
+                   f"smallest or largest learning-rate candidate ({EDGE_MARK} in the tables)"
+                   f"{two}: the best rate may lie outside the grid.")
     flags = runs.get("flag_loss_fell_metric_fell")
     flagged = runs[flags.fillna(False).astype(bool)] if flags is not None else runs.iloc[:0]
     if len(flagged):

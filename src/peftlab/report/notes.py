@@ -13,8 +13,9 @@ from peftlab.models import PRESETS
 
 # task -> where its test split comes from, when that is not the split's plain name
 TEST_SPLITS = {
-    "sst2": "the test split is the GLUE SST-2 dev set (872 sentences): GLUE's test labels are "
-            "not public, so validation is drawn from the training set",
+    "sst2": "the test examples come from the GLUE SST-2 dev set (872 sentences; a study's "
+            "`test_size` may take a subset): GLUE's test labels are not public, so validation is "
+            "drawn from the training set",
 }
 
 # (model name pattern, tasks, where the model saw them): the untuned model is then not a
