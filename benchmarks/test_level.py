@@ -15,12 +15,10 @@ fine-tuning (Holm): how often any pair is called significant.
 from __future__ import annotations
 
 import argparse
-import math
 
 import numpy as np
-from scipy import stats
 
-from peftlab.report.stats import crossed_test, holm
+from peftlab.report.stats import crossed_test, holm, plug_in_satterthwaite_p
 
 LOGIT_SDS = (0.01, 0.055, 0.16)
 LEVELS = (0.05, 0.01, 0.001)
@@ -37,20 +35,6 @@ def scores(rng, sims: int, logit_sd: float, methods: int, size: int, seed_effect
     return 100.0 * (difficulty + per_example + seed_effect + noise > 0), seed_effect
 
 
-def plug_in(d: np.ndarray) -> float:
-    k, n = d.shape
-    mean, by_seed, by_example = d.mean(), d.mean(1), d.mean(0)
-    ms_seed, ms_example = n * by_seed.var(ddof=1), k * by_example.var(ddof=1)
-    residual = d - by_seed[:, None] - by_example[None, :] + mean
-    ms_res = (residual ** 2).sum() / ((k - 1) * (n - 1))
-    combined = ms_seed + ms_example - ms_res
-    if combined <= 0:
-        combined = max(ms_seed, ms_example)
-    df = combined ** 2 / (ms_seed ** 2 / (k - 1) + ms_example ** 2 / (n - 1)
-                          + ms_res ** 2 / ((k - 1) * (n - 1)))
-    return float(2 * stats.t.sf(abs(mean) / math.sqrt(combined / (k * n)), df))
-
-
 def level_and_power(sims: int) -> None:
     print(f"two methods, {sims} simulated studies each (872 examples, 3 seeds)")
     print("seed SD  shift  test        " + "  ".join(f"p<{a:<6}" for a in LEVELS))
@@ -64,7 +48,7 @@ def level_and_power(sims: int) -> None:
             seed_sd = float(np.sqrt(np.mean(x[:, 0].mean(-1).var(-1, ddof=1))))
             d = x[:, 0] - x[:, 1]
             for name, test in (("crossed", lambda m: crossed_test(m).p_value),
-                               ("plug-in", plug_in)):
+                               ("plug-in", plug_in_satterthwaite_p)):
                 p = np.array([test(m) for m in d])
                 rates = "  ".join(f"{np.mean(p < a):.4f}  " for a in LEVELS)
                 print(f"{seed_sd:7.2f}  {shift:5.2f}  {name:10s}  {rates}")
@@ -86,7 +70,7 @@ def family(studies: int) -> None:
             pairs = {(m, best) for m in range(6) if m != best}
             pairs |= {(m, full) for m in range(6) if m not in (best, full)}
             for name, test_fn in (("crossed", lambda m: crossed_test(m).p_value),
-                                  ("plug-in", plug_in)):
+                                  ("plug-in", plug_in_satterthwaite_p)):
                 p = holm([test_fn(test[a] - test[b]) for a, b in pairs])
                 hits[name] += any(q < 0.05 for q in p)
         seed_sd = float(np.sqrt(np.mean(np.square(sds))))

@@ -10,7 +10,13 @@ import pytest
 from scipy import stats
 
 from peftlab.report.select import choose, expected_best
-from peftlab.report.stats import MIN_SEEDS, crossed_test, holm, mean_ci
+from peftlab.report.stats import (
+    MIN_SEEDS,
+    crossed_test,
+    holm,
+    mean_ci,
+    plug_in_satterthwaite_p,
+)
 
 LEVELS = (0.05, 0.01, 0.001)
 SEED_SDS = [(0.6, 0.01), (1.2, 0.055), (3.0, 0.16)]  # accuracy SD over seeds, its logit SD
@@ -78,19 +84,6 @@ def simulate_studies(rng, seed_sd_logit: float, sims: int, methods=2, n=872, see
     return split(n, seed_effect), (split(n_val, seed_effect) if n_val else None)
 
 
-def plug_in_satterthwaite(d: np.ndarray) -> float:
-    """The test as it was: Satterthwaite's degrees of freedom from the plug-in MS_seed."""
-    k, n = d.shape
-    mean, by_seed, by_example = d.mean(), d.mean(1), d.mean(0)
-    ms_seed, ms_example = n * by_seed.var(ddof=1), k * by_example.var(ddof=1)
-    residual = d - by_seed[:, None] - by_example[None, :] + mean
-    ms_res = (residual ** 2).sum() / ((k - 1) * (n - 1))
-    combined = ms_seed + ms_example - ms_res
-    df = combined ** 2 / (ms_seed ** 2 / (k - 1) + ms_example ** 2 / (n - 1)
-                          + ms_res ** 2 / ((k - 1) * (n - 1)))
-    return float(2 * stats.t.sf(abs(mean) / math.sqrt(combined / (k * n)), df))
-
-
 def rejection_rates(seed_sd_logit: float, sims: int, rng_seed: int):
     rng = np.random.default_rng(rng_seed)
     test, _ = simulate_studies(rng, seed_sd_logit, sims)
@@ -111,7 +104,7 @@ def test_the_crossed_test_holds_its_level_at_005_and_001(seed_sd, logit_sd):
         assert np.mean(p < level) <= level + room, level
     assert np.mean(p < 0.05) >= 0.02  # still a test (not one that never rejects)
     if seed_sd == 3.0:
-        old = np.array([plug_in_satterthwaite(x) for x in d])
+        old = np.array([plug_in_satterthwaite_p(x) for x in d])
         assert np.mean(old < 0.01) > 0.01 + 2 * math.sqrt(0.01 * 0.99 / sims)
 
 

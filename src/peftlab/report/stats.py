@@ -94,18 +94,13 @@ def crossed_test(d: np.ndarray, level: float = 0.95) -> Comparison:
     mean = float(d.mean())
     if n < 2:
         return untested(mean, k, n)
-    by_example = d.mean(axis=0)
-    ms_example = k * float(by_example.var(ddof=1))
     if k == 1:
-        combined = ms_example
+        combined = float(d[0].var(ddof=1))
 
         def degrees(alpha: float) -> float:
             return float(n - 1)
     else:
-        by_seed = d.mean(axis=1)
-        ms_seed = n * float(by_seed.var(ddof=1))
-        residual = d - by_seed[:, None] - by_example[None, :] + mean
-        ms_residual = float((residual ** 2).sum()) / ((k - 1) * (n - 1))
+        _, ms_seed, ms_example, ms_residual = mean_squares(d)
         combined = max(ms_seed + ms_example - ms_residual, ms_residual)
 
         def degrees(alpha: float) -> float:
@@ -137,6 +132,30 @@ def crossed_test(d: np.ndarray, level: float = 0.95) -> Comparison:
     half = float(stats.t.ppf(1 - alpha / 2, df)) * se
     detectable = (float(stats.t.ppf(1 - alpha / 2, df)) + float(stats.t.ppf(POWER, df))) * se
     return Comparison(mean, mean - half, mean + half, p, df, k, n, se, detectable)
+
+
+def mean_squares(d: np.ndarray) -> tuple[float, float, float, float]:
+    """(mean, MS_seed, MS_example, MS_residual) of a seeds x examples matrix (2+ of each)."""
+    k, n = d.shape
+    mean = float(d.mean())
+    by_seed, by_example = d.mean(axis=1), d.mean(axis=0)
+    residual = d - by_seed[:, None] - by_example[None, :] + mean
+    return (mean, n * float(by_seed.var(ddof=1)), k * float(by_example.var(ddof=1)),
+            float((residual ** 2).sum()) / ((k - 1) * (n - 1)))
+
+
+def plug_in_satterthwaite_p(d: np.ndarray) -> float:
+    """The test as peftlab ran it before: Satterthwaite's degrees of freedom from the plug-in
+    MS_seed (anti-conservative in the tail). Kept as the reference the simulations
+    (tests/test_report_stats.py, benchmarks/test_level.py) compare the current test with."""
+    k, n = d.shape
+    mean, ms_seed, ms_example, ms_residual = mean_squares(d)
+    combined = ms_seed + ms_example - ms_residual
+    if combined <= 0:
+        combined = max(ms_seed, ms_example)
+    df = combined ** 2 / (ms_seed ** 2 / (k - 1) + ms_example ** 2 / (n - 1)
+                          + ms_residual ** 2 / ((k - 1) * (n - 1)))
+    return float(2 * stats.t.sf(abs(mean) / math.sqrt(combined / (k * n)), df))
 
 
 def holm(p_values: list[float]) -> list[float]:
