@@ -125,7 +125,8 @@ def export_run(run_dir: str | Path, to: str | Path, merge: bool = False,
         step = "the tokenizer"
         s.tokenizer.save_pretrained(partial)
         step = "the card"
-        atomic_write_text(partial / "README.md", model_card(cfg, run_dir, merge))
+        atomic_write_text(partial / "README.md", model_card(
+            cfg, run_dir, merge, own_format=(partial / MARKER).is_file()))
         step = "the folder's final name"
         if to.is_dir():
             to.rmdir()  # the empty folder checked above
@@ -153,7 +154,7 @@ def _quiet_progress() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def model_card(cfg: Any, run_dir: Path, merge: bool) -> str:
+def model_card(cfg: Any, run_dir: Path, merge: bool, own_format: bool) -> str:
     """A short README.md: what was trained on what, what it scored, how to load it, and the
     run's resolved config (peft's template card was left empty)."""
     summary = read_json(run_dir / SUMMARY)
@@ -165,7 +166,7 @@ def model_card(cfg: Any, run_dir: Path, merge: bool) -> str:
         load = ("from transformers import AutoModelForSeq2SeqLM, AutoTokenizer\n"
                 "model = AutoModelForSeq2SeqLM.from_pretrained(DIR)\n"
                 "tokenizer = AutoTokenizer.from_pretrained(DIR)")
-    elif cfg.method in ("prefix", "ln"):
+    elif own_format:
         load = "import peftlab\nmodel, tokenizer = peftlab.load_adapter(DIR)"
     else:
         load = ("from peft import PeftModel\nfrom transformers import AutoModelForSeq2SeqLM\n"

@@ -460,7 +460,7 @@ def write_report(study_dir: str | Path, selection: str | None = None) -> dict[st
         metric = headline[headline.task == task].metric.iloc[0]
         label, short = metric_label(metric), metric_label(metric, short=True)
         table = display_headline(headline, task, sizes)
-        figs = [figures.learning_curves(study_dir, view, best, task, s, fig_dir, colors, short)
+        figs = [figures.learning_curves(study_dir, best, task, s, fig_dir, colors, short)
                 for s in sizes]
         figs += [figures.efficiency(headline, task, s, fig_dir, colors, short) for s in sizes]
         figs.append(figures.data_scaling(best, task, fig_dir, colors, short))

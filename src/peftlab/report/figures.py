@@ -58,8 +58,8 @@ def _coincident(drawn: list[tuple[str, np.ndarray, np.ndarray]], name: str, x, y
     return f" (same values as {', '.join(same)})" if same else ""
 
 
-def learning_curves(study_dir: Path, runs: pd.DataFrame, best: pd.DataFrame, task: str,
-                    size, out: Path, colors: dict[str, str], metric_label: str) -> Path:
+def learning_curves(study_dir: Path, best: pd.DataFrame, task: str, size, out: Path,
+                    colors: dict[str, str], metric_label: str) -> Path:
     """Training loss and validation metric vs step of each method's reported runs: mean and
     +-std over seeds, step 0 (the untrained model) shown."""
     chosen = best[(best.task == task) & (best.train_size == size)]
