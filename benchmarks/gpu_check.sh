@@ -4,7 +4,7 @@
 # fills it here: wheels of what the image lacks, and the data). Named steps in priority
 # order, each under its own time limit; a step that hangs or fails costs only its budget and
 # the next one runs. Everything goes to $OUT (default gpu-check-out): one log per step, and
-# steps.tsv with each step's exit code and seconds. About 9 minutes in all.
+# steps.tsv with each step's exit code and seconds. 9 minutes at most.
 #   bash benchmarks/gpu_check.sh                  # on the device (the device call's command)
 #   GPU_CHECK_DEVICE=cpu GPU_CHECK_SMALL=1 GPU_CHECK_NO_INSTALL=1 \
 #       GPU_CHECK_PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh   # rehearsal on a CPU
@@ -45,13 +45,15 @@ step pack-steps-sst2 75 "$py" benchmarks/pack_step.py --device "$device" $bf16 \
 step pack-steps-samsum 60 "$py" benchmarks/pack_step.py --device "$device" $bf16 \
     --model "$model" --task samsum --members "1,$big,$members" --steps "$steps" \
     --methods lora,prefix
-step whole-runs 75 "$py" -m peftlab bench --out "$OUT/bench" --model "$model" \
+step whole-runs 60 "$py" -m peftlab bench --out "$OUT/bench" --model "$model" \
     --precision bf16 --sections matmul,pack --shapes sst2 --methods lora \
     --pack-sizes "$big" --pack-runs "$big" --runs-per-gpu "$big" --pack-study ''
 step eval-together 45 "$py" benchmarks/eval_together.py --device "$device" --model "$model" \
     --members "$big" --examples "$examples"
 step full-vmap 45 "$py" benchmarks/full_pack_step.py --device "$device" $bf16 \
     --model "$model" --members "1,$big" --steps "$steps"
-step projection 90 "$py" benchmarks/gpu_projection.py --device "$device" --model "$model" \
+step projection 80 "$py" benchmarks/gpu_projection.py --device "$device" --model "$model" \
     --members "$members" --steps "$steps" --subset "$subset" --out "$OUT"
+step eval-precision 40 "$py" benchmarks/eval_precision.py --model "$model" --methods lora \
+    --steps "$((steps * 10))" --out "$OUT"
 cat "$OUT/steps.tsv"

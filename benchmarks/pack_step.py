@@ -10,6 +10,10 @@ member's gradient clipping and AdamW step; the figure is the median step time of
 step untimed), in one process, sides alternating. The packed step runs twice: in length chunks
 (training's way: `peftlab.pack.length_chunks` at the device's `CHUNK_COST`) and as one batch
 of every member's rows (`chunk_cost` infinite: every row padded to the longest).
+
+`--count-ops` counts instead the operators one packed step dispatches (forward and backward,
+training's chunks; on a GPU each is about one kernel launch), and how many of them compute
+the dropout masks: what a launch-bound GPU pays per member.
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ import statistics
 import time
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from peftlab.data import tokenize, training_batches
 from peftlab.denormals import flushed_denormals
 from peftlab.dropout import MemberMasks, member_dropout
 from peftlab.methods import METHODS, MethodContext
 from peftlab.models import default_tokenizer_for, load_model, load_tokenizer
-from peftlab.pack import Pack, initial_state, step_gradients
+from peftlab.pack import CHUNK_COST, Pack, initial_state, step_gradients
 from peftlab.tasks import build_task, prepare_splits
 
 MODEL = "flan-t5-small-random"
@@ -112,6 +117,55 @@ def measure(name: str, members: int, steps: int, model: str = MODEL,
             statistics.median(sequential[1:]))
 
 
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten operators dispatched inside it, and those inside `MemberMasks`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = self.dropout = 0
+        self.in_masks = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        self.total += 1
+        self.dropout += self.in_masks > 0
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(name: str, members: int, model: str = MODEL, **shape) -> tuple[int, int]:
+    """Operators of one packed training step of `members` members (the second step: the
+    first builds what is cached), in length chunks as on a GPU (`CHUNK_COST["cuda"]`), and
+    how many computed dropout masks."""
+    method = METHODS[name]
+    args, ctx = method.Args(), MethodContext(default_tokenizer_for(model), 2)
+    data = batches(members, 2, **shape)
+    base = load_model(model)
+    states = [initial_state(method, args, ctx, base, seed) for seed in range(members)]
+    pack = Pack(method.apply(copy.deepcopy(base), args, ctx, False).train(), states,
+                method.route)
+    masks = MemberMasks(list(range(members)), torch.device("cpu"))
+    counter = _OpCounter()
+    for attribute in ("start", "chunk", "apply"):  # count what the masks' methods dispatch
+        original = getattr(masks, attribute)
+
+        def counted(*a, _original=original, **k):  # noqa: ANN002, ANN003, ANN202
+            counter.in_masks += 1
+            try:
+                return _original(*a, **k)
+            finally:
+                counter.in_masks -= 1
+        setattr(masks, attribute, counted)
+    for step in range(2):
+        with member_dropout(pack.model, masks):
+            if step == 1:
+                with counter:
+                    step_gradients(pack, [[b[step]] for b in data], torch.device("cpu"),
+                                   False, 0, masks, chunk_cost=CHUNK_COST["cuda"])
+            else:
+                step_gradients(pack, [[b[step]] for b in data], torch.device("cpu"), False,
+                               0, masks, chunk_cost=CHUNK_COST["cuda"])
+    return counter.total, counter.dropout
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default="lora,prompt,prefix,ia3,ln")
@@ -123,9 +177,22 @@ def main() -> None:
     parser.add_argument("--lengths", help="SOURCE,TARGET token limits; default: SHAPES")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast, as training on a GPU")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="count one packed step's operators instead of timing it")
     args = parser.parse_args()
     shape = dict(task=args.task, batch_size=args.batch_size,
                  lengths=tuple(int(n) for n in args.lengths.split(",")) if args.lengths else None)
+    if args.count_ops:
+        print(f"model {args.model}, {shape}: operators of one packed step (forward, backward; "
+              "chunks as on a GPU)")
+        print(f"{'method':8s} {'P':>3s} {'operators':>10s} {'of which dropout':>17s} "
+              f"{'per member':>11s}")
+        for name in args.methods.split(","):
+            for members in (int(p) for p in args.members.split(",")):
+                total, dropout = count_ops(name, members, args.model, **shape)
+                print(f"{name:8s} {members:3d} {total:10,d} {dropout:17,d} "
+                      f"{total / members:11,.0f}", flush=True)
+        return
     device = torch.device(args.device)
     print(f"model {args.model}, {shape}, {device}, bf16 {args.bf16}, "
           f"threads {torch.get_num_threads()}")

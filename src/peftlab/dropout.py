@@ -1,18 +1,27 @@
-"""Dropout while training: each run's masks from its own generator, at its own shape.
+"""Dropout while training: each run's masks from its own key, whatever it is packed with.
 
 Why not `nn.Dropout`: in a pack (peftlab.pack) the rows of several runs go through one
 forward. One mask drawn for the whole batch from torch's global generator would give each run
 masks that depend on the runs packed with it (how many, how long their batches are), so a
-run's result would depend on how it was scheduled. Here each member draws its masks from its
-own generator (seeded from its seed), for the shape its rows have when it trains alone (its
-own padded lengths), padded to the batch's lengths: a member draws exactly what it draws
-alone, whatever it is packed with. A run alone is a pack of one and draws the same way.
+run's result would depend on how it was scheduled.
 
-Masks come from `torch.rand`, not `bernoulli_`: on CPU `bernoulli_` draws a double per element
-(two 32-bit draws of torch's Mersenne twister, on one thread) where `torch.rand` draws a float.
-Keeping an element when its uniform draw is at least `p` is the same Bernoulli distribution (p
-on the float grid of 2^-24). On this project's CPU, `bernoulli_` was 15.6% of a LoRA training
-step (SST-2 shapes, torch profiler); a LoRA step ran 1.07x faster with `rand` masks.
+Here a mask element is a hash of the member's key and the element's place: the member's
+micro-batch (a 63-bit key drawn from the member's own generator, seeded from its seed, when
+the micro-batch starts), the row within it, the dropout call, and the element's position in
+every other dimension. Padding is at the end of each length (and a prompt's or prefix's
+positions in front of every row alike), so a position means the same token packed or alone,
+whatever the batch's widths: a member's masks are the ones it has alone, and a run alone is a
+pack of one. Every member's mask of a call is computed at once, by about 15 element-wise
+integer operations on the device: drawing them member by member (one `torch.rand` each, cut or
+padded to the batch's widths, concatenated) cost about 5 kernel launches per member and call,
+which a GPU pays one at a time (84 calls a step on Flan-T5-small; `benchmarks/pack_step.py
+--count-ops` counts them). On this project's CPU a step costs the same either way.
+
+The hash is SplitMix64's finaliser (a bijection with full avalanche): each call's row keys
+are hashed on the host, each position's coordinates once per shape on the device, and the
+element is the finaliser of the two XORed. An element is kept when its hash, read as a signed
+64-bit integer, is at least p x 2^64 - 2^63: a Bernoulli(1 - p), as `nn.Dropout`, with its
+scaling by 1 / (1 - p).
 
 T5's attention-probability dropout is a functional call inside its attention function:
 `attention_forward` is transformers' eager T5 attention with this dropout, the attention
@@ -32,8 +41,6 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
 ATTENTION = "peftlab_eager"
-SIDES = ("encoder", "decoder")
-CROSS_ATTENTION = ("EncDecAttention", "encoder_attn")  # T5's, BART's
 
 
 def dropout_seed(seed: int) -> int:
@@ -42,130 +49,124 @@ def dropout_seed(seed: int) -> int:
     return int(np.random.SeedSequence([seed, 0x44524F50]).generate_state(1)[0])
 
 
+STRIDE_BITS = 20  # a position's code: each dimension after the rows below 2^20
+CALLS_PER_TABLE = 128  # dropout calls whose row keys are computed and sent at once
+_M1, _M2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # SplitMix64's finaliser
+
+
+def mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser (a bijection of 64-bit words with full avalanche), on the host."""
+    z = z.astype(np.uint64)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(_M1)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(_M2)
+    return z ^ (z >> np.uint64(31))
+
+
+def _signed(c: int) -> int:
+    return c - 2**64 if c >= 2**63 else c
+
+
+def mix64_(z: torch.Tensor) -> torch.Tensor:
+    """`mix64` of an int64 tensor (the same bits), in place, on its device. torch's int64 is
+    signed: a right shift fills with the sign, so the shifted-in bits are cleared."""
+    for shift, multiplier in ((30, _M1), (27, _M2), (31, None)):
+        z.bitwise_xor_((z >> shift).bitwise_and_(2**(64 - shift) - 1))
+        if multiplier is not None:
+            z.mul_(_signed(multiplier))  # wraps: the low 64 bits of the product
+    return z
+
+
 class MemberMasks:
-    """The members' dropout generators, and the rows of the batch going through the model.
+    """The members' dropout keys, and the rows of the batch going through the model.
 
     A micro-batch of each member (`start`) may go through the model in several chunks of
-    rows (`chunk`: rows of similar lengths from any members, peftlab.pack). A member draws
-    each dropout call's mask once, for its whole micro-batch at its own shape, in the order of
-    the calls, as it does alone; a chunk takes its rows' part of it, cut or padded at the end
-    of each length to the chunk's (past a row's own length is padding: nothing it computes
-    is read). With more than one chunk, the masks drawn are kept until the micro-batch ends.
+    rows (`chunk`: rows of similar lengths from any members, peftlab.pack). Each member draws
+    one key from its generator when its micro-batch starts, as it does alone; every mask of
+    the micro-batch follows from it (module docstring), so a chunk needs nothing kept from
+    another.
     """
 
     def __init__(self, seeds: list[int], device: torch.device):
-        self.generators = [torch.Generator(device=device).manual_seed(dropout_seed(s))
-                           for s in seeds]
-        self.members: list[int] = []
-        self.own: list[tuple[int, dict[str, int]]] = []  # each part's rows and own lengths
-        self.kept: dict[tuple[int, int], torch.Tensor] | None = None
-        self.rows: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # part, its rows, where
-        self.whole = True  # the chunk is every row of every part, in order
-        self.widths: dict[str, int] = {}
+        # host generators: one draw per member and micro-batch, nothing waits on the device
+        self.generators = [torch.Generator().manual_seed(dropout_seed(s)) for s in seeds]
+        self.device = device
+        self.keys: list[int] = []  # each part's key of this micro-batch
+        self.row_keys = np.zeros(0, dtype=np.uint64)  # each row of the chunk's: part, row
+        self.table: torch.Tensor | None = None  # (calls, rows): each call's row keys
+        self.places: dict[tuple[int, ...], torch.Tensor] = {}
         self.total = 0  # rows in the chunk
         self.call = 0
 
     def set_batch(self, batches: list[dict[str, torch.Tensor]], members: list[int]) -> None:
         """One chunk of every row of these members' micro-batches, in order."""
         self.start(batches, members, chunks=1)
-        self.chunk([(k, r) for k, b in enumerate(batches) for r in range(len(b["input_ids"]))],
-                   {side: max(o[side] for _, o in self.own) for side in SIDES})
+        self.chunk([(k, r) for k, b in enumerate(batches) for r in range(len(b["input_ids"]))])
 
     def start(self, batches: list[dict[str, torch.Tensor]], members: list[int],
-              chunks: int) -> None:
-        """A micro-batch of each of these members, going through the model in `chunks`."""
-        self.members = list(members)
-        self.own = [(len(b["input_ids"]), {"encoder": b["input_ids"].shape[1],
-                                           "decoder": b["labels"].shape[1]}) for b in batches]
-        self.kept = {} if chunks > 1 else None
+              chunks: int = 1) -> None:
+        """A micro-batch of each of these members (going through the model in `chunks`)."""
+        self.keys = [int(torch.randint(0, 2**63 - 1, (), generator=self.generators[m]))
+                     for m in members]
 
-    def chunk(self, rows: list[tuple[int, int]], widths: dict[str, int]) -> None:
+    def chunk(self, rows: list[tuple[int, int]], widths: dict[str, int] | None = None) -> None:
         """The chunk about to go through the model: its rows as (part, row of the part), in
-        order, and its lengths of each side."""
-        device = self.generators[0].device
-        parts: dict[int, list[tuple[int, int]]] = {}
-        for position, (k, r) in enumerate(rows):
-            parts.setdefault(k, []).append((r, position))
-        self.rows = [(k, torch.tensor([r for r, _ in v], device=device),
-                      torch.tensor([pos for _, pos in v], device=device))
-                     for k, v in sorted(parts.items())]
-        self.whole = rows == [(k, r) for k, (n, _) in enumerate(self.own) for r in range(n)]
-        self.widths, self.call, self.total = dict(widths), 0, len(rows)
+        order (`widths`, the chunk's lengths, change nothing: a position is its own)."""
+        keys = np.array([self.keys[k] for k, _ in rows], dtype=np.uint64)
+        self.row_keys = mix64(keys ^ mix64(np.array([r for _, r in rows], dtype=np.uint64)))
+        self.table, self.places, self.call, self.total = None, {}, 0, len(rows)
 
-    def _keep(self, k: int, shape: list[int], p: float) -> torch.Tensor:
-        """Part k's member's mask of this call, for its whole micro-batch (drawn once)."""
-        key = (k, self.call)
-        if self.kept is not None and key in self.kept:
-            return self.kept[key]
-        device = self.generators[0].device
-        # float32 draws whatever x's dtype: bf16 would round the uniform draw to 2^-8 steps
-        keep = torch.rand(shape, generator=self.generators[self.members[k]], device=device)
-        keep = keep >= p  # a bool: 4x less kept memory than the float draw
-        if self.kept is not None:
-            self.kept[key] = keep
-        return keep
+    def _call_keys(self) -> torch.Tensor:
+        """This call's key of each row: computed on the host for CALLS_PER_TABLE calls at a
+        time and sent in one copy."""
+        first = self.call - self.call % CALLS_PER_TABLE
+        if self.table is None or self.call % CALLS_PER_TABLE == 0:
+            calls = mix64(np.arange(first, first + CALLS_PER_TABLE, dtype=np.uint64)
+                          + np.uint64(0x9E3779B97F4A7C15))
+            host = torch.from_numpy(mix64(calls[:, None] ^ self.row_keys[None, :])
+                                    .view(np.int64))
+            self.table = (host.pin_memory().to(self.device, non_blocking=True)
+                          if self.device.type == "cuda" else host.to(self.device))
+        return self.table[self.call - first]
 
-    def apply(self, x: torch.Tensor, p: float, sides: tuple[str | None, ...]) -> torch.Tensor:
-        """Dropout of `x`, whose dimension i + 1 is a length of side `sides[i]` (None: not a
-        length: features, heads). A prefix or prompt in front of a length changes nothing:
-        the padding is at the end."""
+    def _place(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Each position's hash, from its coordinates (STRIDE_BITS each: distinct positions,
+        distinct codes); one per shape and chunk (a shape recurs in every layer)."""
+        if shape not in self.places:
+            if len(shape) > 3 or max(shape) >= 2**STRIDE_BITS:
+                raise RuntimeError(f"dropout of positions {shape}: at most 3 dimensions after "
+                                   f"the rows, each below 2^{STRIDE_BITS}")
+            code = torch.zeros((), dtype=torch.int64, device=self.device)
+            for size in shape:
+                code = code[..., None] * 2**STRIDE_BITS + torch.arange(size, device=self.device)
+            self.places[shape] = mix64_(code)
+        return self.places[shape]
+
+    def apply(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        """Dropout of `x`, whose first dimension is the chunk's rows."""
         if p == 0:
             return x
         if p >= 1:
             return x * 0
-        if not self.rows or self.total != len(x):
-            raise RuntimeError(f"dropout of {len(x)} rows, but the batch has "
-                               f"{self.total if self.rows else 0}")
-        sides = sides + (None,) * (x.dim() - 1 - len(sides))
-        pieces = []
-        for k, rows, _ in self.rows:
-            n, own = self.own[k]
-            shape = [n] + [size - (self.widths[side] - own[side]) if side else size
-                           for size, side in zip(x.shape[1:], sides)]
-            if min(shape) <= 0:
-                raise RuntimeError(f"dropout of shape {tuple(x.shape)}: lengths {sides} do "
-                                   "not match the batch")
-            keep = self._keep(k, shape, p)
-            if len(rows) != n:
-                keep = keep[rows]
-            pad = [a for full, part in zip(reversed(x.shape[1:]), reversed(shape[1:]))
-                   for a in (0, full - part)]  # negative: cut at the end
-            pieces.append(F.pad(keep, pad) if any(pad) else keep)
+        if not self.total or self.total != len(x):
+            raise RuntimeError(f"dropout of {len(x)} rows, but the batch has {self.total}")
+        keys = self._call_keys().view(-1, *[1] * (x.dim() - 1))
+        uniform = mix64_(keys ^ self._place(tuple(x.shape[1:])))  # uniform over int64
         self.call += 1
-        if self.whole:
-            mask = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-        else:
-            mask = x.new_zeros(x.shape, dtype=torch.bool)
-            for (_, _, positions), piece in zip(self.rows, pieces):
-                mask[positions] = piece
-        return x * mask.to(torch.float32).mul_(1 / (1 - p)).to(x.dtype)
+        keep = uniform >= min(round(p * 2**64) - 2**63, 2**63 - 1)  # probability 1 - p
+        return torch.where(keep, x * (1 / (1 - p)), 0.0)
 
 
 class MemberDropout(nn.Module):
     """`nn.Dropout` (same p, same scaling by 1 / (1 - p)) with each member's own masks."""
 
-    def __init__(self, p: float, side: str | None, masks: MemberMasks):
+    def __init__(self, p: float, masks: MemberMasks):
         super().__init__()
-        self.p, self.side, self.masks = p, side, masks
+        self.p, self.masks = p, masks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        return self.masks.apply(x, self.p, (self.side,))
-
-
-CROSS_KEY_VALUE = ("k", "v", "k_proj", "v_proj")  # projections reading the encoder's states
-
-
-def side_of(module_name: str) -> str | None:
-    """Whose length a module's inputs have: the encoder's, or the decoder's. A cross-
-    attention's key and value projections (and an adapter's dropout on them) read the
-    encoder's output."""
-    parts = module_name.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if part in CROSS_ATTENTION and parts[i + 1] in CROSS_KEY_VALUE:
-            return "encoder"
-    return "decoder" if "decoder" in parts else "encoder" if "encoder" in parts else None
+        return self.masks.apply(x, self.p)
 
 
 def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -183,10 +184,9 @@ def attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     if attention_mask is not None:
         weights = weights + attention_mask
     weights = F.softmax(weights, dim=-1)
-    members = getattr(module, "peftlab_dropout", None)
-    if module.training and dropout > 0 and members is not None:
-        masks, q_side, k_side = members
-        weights = masks.apply(weights, dropout, (None, q_side, k_side))
+    masks = getattr(module, "peftlab_dropout", None)
+    if module.training and dropout > 0 and masks is not None:
+        weights = masks.apply(weights, dropout)
     else:
         weights = F.dropout(weights, p=dropout, training=module.training)
     out = torch.matmul(weights, value).transpose(1, 2).contiguous()
@@ -215,18 +215,15 @@ def member_dropout(model: nn.Module, masks: MemberMasks) -> Iterator[None]:
     modules tell `attention_forward` the members' masks. Everything is put back after the
     block."""
     swapped, tagged = [], []
-    for parent_name, parent in list(model.named_modules()):
+    for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Dropout:  # subclasses may do more than drop
-                full_name = f"{parent_name}.{name}" if parent_name else name
-                member = MemberDropout(child.p, side_of(full_name), masks)
+                member = MemberDropout(child.p, masks)
                 member.train(child.training)
                 setattr(parent, name, member)
                 swapped.append((parent, name, child, member))
         if isinstance(getattr(parent, "dropout", None), float):  # an attention's probability
-            q_side = side_of(parent_name)
-            k_side = "encoder" if parent_name.endswith(CROSS_ATTENTION) else q_side
-            parent.peftlab_dropout = (masks, q_side, k_side)
+            parent.peftlab_dropout = masks
             tagged.append(parent)
     try:
         yield
