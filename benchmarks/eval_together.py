@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-import peftlab.run
+import peftlab.device
 from peftlab.config import resolve_run_config
 from peftlab.run import evaluate_pack, setup_pack
 
@@ -40,7 +40,7 @@ def main() -> None:
         device = setups[0].device
         seconds, predictions = {}, {}
         for together in (True, False, True):  # the first pass warms up
-            peftlab.run.EVALUATE_TOGETHER[device.type] = together
+            peftlab.device.EVALUATE_TOGETHER[device.type] = together
             if device.type == "cuda":
                 torch.cuda.synchronize()
             began = time.perf_counter()

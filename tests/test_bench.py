@@ -311,9 +311,10 @@ def test_pack_section_runs_each_pack_size_beside_the_unpacked_runs_and_reports_t
 def test_pack_measurement_workers_split_the_host_on_a_gpu_too(monkeypatch):
     """8 workers sharing a GPU each got every host thread (cpu_threads None on CUDA), which
     oversubscribed the host and slowed the 8-process baseline; forced GPU branch here."""
+    import peftlab.device
     import peftlab.study
     from peftlab.bench import SHAPES, measure_pack
-    from peftlab.study import threads_per_worker
+    from peftlab.device import threads_per_worker
 
     captured = []
 
@@ -324,7 +325,7 @@ def test_pack_measurement_workers_split_the_host_on_a_gpu_too(monkeypatch):
         captured.extend(cells)
         raise Stop
 
-    monkeypatch.setattr(peftlab.study, "gpu_count", lambda: 1)
+    monkeypatch.setattr(peftlab.device, "gpu_count", lambda: 1)
     monkeypatch.setattr(peftlab.study, "execute", fake_execute)
     with pytest.raises(Stop):
         measure_pack("lora", next(iter(SHAPES)), pack=1, n_runs=2, workers=8)

@@ -399,9 +399,9 @@ def test_a_byte_order_mark_in_a_tsv_header_is_accepted(tmp_path):
 
 
 def test_inputs_whose_attention_cannot_fit_are_refused_before_allocating(tmp_path, monkeypatch):
-    import peftlab.run as run_module
+    import peftlab.checks
 
-    monkeypatch.setattr(run_module, "available_memory", lambda device: 2**30)  # 1 GiB free
+    monkeypatch.setattr(peftlab.checks, "available_memory", lambda device: 2**30)  # 1 GiB free
     code, out = cli("train", *train_sets(tmp_path, task="samsum", max_source_length=16000,
                                          eval_batch_size=64, batch_size=8,
                                          model="flan-t5-small-random", test_size=64))
@@ -427,11 +427,11 @@ def test_what_evaluation_or_a_rank_would_need_is_checked_before_training(tmp_pat
                                                                           monkeypatch):
     """A LoRA rank above the layers' size hung; 16,000 prompt tokens, 64 beams or a large
     generation budget exhausted memory at test time, after training: refused up front."""
-    import peftlab.run as run_module
+    import peftlab.checks
 
     code, out = cli("train", *train_sets(tmp_path, **{"method_args.r": 1000000}))
     assert code == 2 and "`method_args.r` is 1,000,000" in out, out
-    monkeypatch.setattr(run_module, "available_memory", lambda device: 2**30)  # 1 GiB free
+    monkeypatch.setattr(peftlab.checks, "available_memory", lambda device: 2**30)  # 1 GiB free
     code, out = cli("train", *train_sets(tmp_path, method="prompt",
                                          **{"method_args.num_virtual_tokens": 16000}))
     assert code == 2 and "plus 16,000 method tokens" in out and "GiB is free" in out, out

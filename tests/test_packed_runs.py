@@ -20,8 +20,9 @@ import torch
 
 from peftlab.config import resolve_run_config
 from peftlab.files import read_jsonl
+from peftlab.packing import packable
 from peftlab.records import read_json
-from peftlab.run import packable, run, run_pack
+from peftlab.run import run, run_pack
 
 TIMING = ("elapsed_s", "examples_per_s", "eval_s")
 # what may differ between a member's record and its unpacked run's
@@ -365,10 +366,10 @@ def test_a_packs_members_are_evaluated_as_their_runs_together_or_one_by_one(tmp_
     """Together (a GPU's way): the encoder runs as many times for three members as for one, on
     three times the rows. One by one (a CPU's): as each run alone. Either way each member's
     result is its own evaluation's."""
-    import peftlab.run
+    import peftlab.device
     from peftlab.run import evaluate_pack, setup_pack
 
-    monkeypatch.setitem(peftlab.run.EVALUATE_TOGETHER, "cpu", together)
+    monkeypatch.setitem(peftlab.device.EVALUATE_TOGETHER, "cpu", together)
     extra = dict(task="samsum", val_size=4, max_new_tokens=4, max_source_length=64,
                  max_target_length=16) if task == "samsum" else {}
     # prompt tuning: each member's initial prompt is its own, so the members' outputs differ
@@ -401,11 +402,11 @@ def test_a_prompt_pack_evaluates_its_bf16_copy_with_the_copys_prompts(tmp_path, 
     idle router ('a packed model was called without a route'); one by one it silently read
     the fp32 prompts. Forced on this CPU: the copy's prompts are its own, in bf16, and each
     member's result is its own bf16 evaluation's."""
-    import peftlab.run
+    import peftlab.device
     from peftlab.evaluate import inference_model
     from peftlab.run import evaluate_pack, setup_pack
 
-    monkeypatch.setitem(peftlab.run.EVALUATE_TOGETHER, "cpu", together)
+    monkeypatch.setitem(peftlab.device.EVALUATE_TOGETHER, "cpu", together)
     cfgs = [config(tmp_path, f"m{i}", seed, lr, method="prompt", eval_precision="bf16",
                    method_args=METHOD_ARGS["prompt"]) for i, (seed, lr) in enumerate(MEMBERS)]
     setups = setup_pack(cfgs)
@@ -454,17 +455,17 @@ def test_a_pack_that_fails_runs_its_cells_one_by_one(tmp_path, monkeypatch):
     import yaml
     from typer.testing import CliRunner
 
-    import peftlab.run
+    import peftlab.study.runner
     from peftlab.cli import app
 
-    real = peftlab.run.run_pack
+    real = peftlab.study.runner.run_pack
 
     def failing_in_packs(cfgs, *args, **kwargs):
         if len(cfgs) > 1:
             raise RuntimeError("out of memory (simulated)")
         return real(cfgs, *args, **kwargs)
 
-    monkeypatch.setattr(peftlab.run, "run_pack", failing_in_packs)
+    monkeypatch.setattr(peftlab.study.runner, "run_pack", failing_in_packs)
     study = dict(STUDY, methods=[STUDY["methods"][2]], seeds=[0])
     study["base"] = dict(STUDY["base"], max_steps=2, eval_every=2)
     path = tmp_path / "study.yaml"

@@ -281,7 +281,7 @@ def test_ray_cluster_started_apart_with_a_relative_out_from_another_folder(tmp_p
 def test_workers_are_pinned_to_the_gpus_the_parent_was_given(monkeypatch):
     """Under CUDA_VISIBLE_DEVICES=2,3 a worker pinned to '0' would take the machine's GPU 0,
     outside the parent's share."""
-    from peftlab.study import worker_gpus
+    from peftlab.device import worker_gpus
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert worker_gpus(2) == ["2", "3"]

@@ -26,7 +26,9 @@ import yaml
 from peftlab import __version__
 from peftlab.errors import PeftlabError, describe_cause
 from peftlab.files import atomic_write_text, write_json
+from peftlab.methods import Baseline
 from peftlab.records import ADAPTER, CONFIG, SUMMARY, read_json
+from peftlab.run import load_run_dir, restore, setup
 
 MARKER = "peftlab_adapter.json"
 MERGEABLE = ("lora", "ia3", "ln")
@@ -62,9 +64,6 @@ def export_run(run_dir: str | Path, to: str | Path, merge: bool = False,
     is renamed to `to` at the end, and removed if anything fails.
     """
     from safetensors.torch import load_file
-
-    from peftlab.methods import Baseline
-    from peftlab.run import load_run_dir, setup
 
     cfg, run_dir = load_run_dir(run_dir)
     to = Path(to)
@@ -187,8 +186,6 @@ def model_card(cfg: Any, run_dir: Path, merge: bool, own_format: bool) -> str:
 def load_adapter(folder: str | Path) -> tuple[Any, Any]:
     """A folder `export_run` wrote for peftlab's own methods: the base model with the state
     loaded, and the tokenizer."""
-    from peftlab.run import restore
-
     folder = Path(folder)
     if not (folder / MARKER).is_file():
         raise PeftlabError(f"{folder}: no {MARKER}; a peft adapter folder loads with "

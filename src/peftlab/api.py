@@ -22,9 +22,14 @@ from typing import Any
 
 import pandas as pd
 
+from peftlab import study as st
+from peftlab.adapters import export_run
+from peftlab.adapters import load_adapter as load
 from peftlab.config import RunConfig, load_run_config, read_yaml_mapping, resolve_run_config
 from peftlab.errors import PeftlabError
 from peftlab.records import CONFIG, METRICS, PREDICTIONS, SUMMARY, read_json, read_jsonl_checked
+from peftlab.report import study_tables, write_report
+from peftlab.run import restore, run
 
 log = logging.getLogger("peftlab")
 
@@ -50,8 +55,6 @@ class Run:
     def model(self) -> tuple[Any, Any]:
         """The model with the run's selected state loaded (inference form), and its tokenizer:
         `model.generate(**tokenizer(text, return_tensors="pt"))`."""
-        from peftlab.run import restore
-
         s = restore(self.path)
         if s.model is None:
             raise PeftlabError(f"{self.path}: a `{self.config.method}` run has no model")
@@ -64,15 +67,11 @@ def export(run: str | Path | Run, to: str | Path, merge: bool = False,
     it), peftlab's own folder for prefix and layer-norm tuning (`load_adapter`), or with
     `merge` a full model folder (LoRA, (IA)^3, LN). Unfinished and failed runs are refused,
     diverged ones unless `force`. See peftlab.adapters."""
-    from peftlab.adapters import export_run
-
     return export_run(run.path if isinstance(run, Run) else run, to, merge, force)
 
 
 def load_adapter(folder: str | Path) -> tuple[Any, Any]:
     """A prefix or layer-norm adapter `export` wrote: (model, tokenizer)."""
-    from peftlab.adapters import load_adapter as load
-
     return load(folder)
 
 
@@ -93,8 +92,6 @@ def train(config: RunConfig | dict[str, Any] | str | Path | None = None, *,
     `config`: a RunConfig, a mapping of settings, or a run config YAML file; `settings`
     override it by name (`train("run.yaml", method="prefix", learning_rate=3e-3)`).
     """
-    from peftlab.run import run
-
     if isinstance(config, RunConfig):
         raw = config.model_dump()
     elif isinstance(config, dict):
@@ -123,7 +120,6 @@ class Study:
     locked: list[str] = field(default_factory=list)  # cells other processes held
 
     def _tables(self) -> Any:
-        from peftlab.report import study_tables
 
         return study_tables(self.path)
 
@@ -155,8 +151,6 @@ class Study:
 
     def report(self) -> dict[str, Path]:
         """Write report.md, report.html, the CSV tables and the figures."""
-        from peftlab.report import write_report
-
         return write_report(self.path)
 
 
@@ -191,8 +185,6 @@ def run_study(study: str | Path | dict[str, Any] | None = None, *, preset: str |
     cost and packs), `warn` the cells whose records are corrupt or whose settings changed;
     `dry_run` stops there; `calibrate` runs the first pack (or run) of each task and method,
     then says the projected time of the rest, and stops."""
-    from peftlab import study as st
-
     check_study_options(workers=workers, pack=pack, runs_per_gpu=runs_per_gpu, backend=backend)
     config = st.study_config(study) if isinstance(study, dict) else st.load_study(study, preset)
     folder = Path(out) if out is not None else Path("studies") / config.name

@@ -493,7 +493,8 @@ def measure_grid(runs_per_gpu: int, n_runs: int, model: str = MODEL,
     """`n_runs` SST-2 LoRA cells through the study runner with `runs_per_gpu` workers (on
     CPU, each worker gets the CPUs divided by the number of workers)."""
     from peftlab.config import resolve_run_config
-    from peftlab.study import Cell, execute, gpu_count, threads_per_worker
+    from peftlab.device import gpu_count, threads_per_worker
+    from peftlab.study import Cell, execute
 
     root = Path(tempfile.mkdtemp())
     cells = [Cell(f"seed{i}", resolve_run_config({
@@ -532,8 +533,9 @@ def measure_pack(method: str, shape: str, pack: int, n_runs: int, workers: int |
 
     from peftlab.config import resolve_run_config
     from peftlab.data import tokenize, training_batches
+    from peftlab.device import gpu_count, threads_per_worker
     from peftlab.models import PRESETS, default_tokenizer_for, load_tokenizer, preset_config
-    from peftlab.study import Cell, execute, gpu_count, packs, threads_per_worker
+    from peftlab.study import Cell, execute, packs
     from peftlab.tasks import build_task, prepare_splits
 
     task_name, src, tgt = SHAPES[shape]

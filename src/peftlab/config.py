@@ -15,7 +15,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from peftlab.errors import ConfigError, did_you_mean
+from peftlab.families import family as model_family
 from peftlab.limits import MAX_BEAMS, MAX_TOKENS
+from peftlab.methods import Baseline, get_method
+from peftlab.models import default_tokenizer_for
+from peftlab.records import flat_keys
+from peftlab.tasks import get_task
+from peftlab.trackers import check_available
 
 DEFAULT_MODEL = "google/flan-t5-small"
 
@@ -207,11 +213,6 @@ def load_run_config(path: str | Path | None = None, sets: list[str] | None = Non
 
 def resolve_run_config(raw: dict[str, Any]) -> RunConfig:
     """Validate a raw mapping and fill every default (method's, task's, tokenizer's)."""
-    from peftlab.families import family as model_family
-    from peftlab.methods import Baseline, get_method
-    from peftlab.models import default_tokenizer_for
-    from peftlab.tasks import get_task
-
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
@@ -236,7 +237,7 @@ def resolve_run_config(raw: dict[str, Any]) -> RunConfig:
         if getattr(cfg, key) is None:
             updates[key] = getattr(built, key)
     updates["selection_metric"] = cfg.selection_metric or built.primary_metric
-    valid = {"loss", built.primary_metric, *_TASK_METRICS[built.kind]}
+    valid = {"loss", built.primary_metric, *built.selectable_metrics}
     if updates["selection_metric"] not in valid:
         raise ConfigError(f"`selection_metric`: {updates['selection_metric']!r} is not one of "
                           f"{sorted(valid)}{did_you_mean(updates['selection_metric'], valid)}")
@@ -255,8 +256,6 @@ def resolve_run_config(raw: dict[str, Any]) -> RunConfig:
     if absolute is not None:
         updates["task_args"] = absolute(task_args).model_dump()
     if cfg.log_to:
-        from peftlab.trackers import check_available
-
         check_available(cfg.log_to)  # a missing package names its extra, before anything runs
     return cfg.model_copy(update=updates)
 
@@ -264,17 +263,6 @@ def resolve_run_config(raw: dict[str, Any]) -> RunConfig:
 # Where a run's files are, not what it computes: a study moved to another folder, or data
 # reached by another path, is the same study.
 LOCATION_KEYS = ("output_dir", "task_args.data_dir", "log_to")  # log_to: where copies go
-
-
-def flat_keys(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested config as dotted keys (`method_args.r`); an empty mapping stays one value."""
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        if isinstance(value, dict) and value:
-            out.update(flat_keys(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def config_changes(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -291,7 +279,3 @@ def config_changes(previous: dict[str, Any], current: dict[str, Any]) -> list[st
             for k in sorted(set(a) | set(b)) if k not in LOCATION_KEYS and not same(k)]
 
 
-_TASK_METRICS = {
-    "classification": ("accuracy", "generation_exact_match"),
-    "generation": ("rouge1", "rouge2", "rougeL", "rougeLsum"),
-}

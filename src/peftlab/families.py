@@ -14,6 +14,9 @@ import functools
 import json
 from pathlib import Path
 
+from peftlab.hub import hub_reachable
+from peftlab.models import PRESETS, preset_config
+
 FAMILIES = {"t5": "t5", "mt5": "t5", "bart": "bart"}  # model_type -> family
 
 
@@ -21,8 +24,6 @@ FAMILIES = {"t5": "t5", "mt5": "t5", "bart": "bart"}  # model_type -> family
 def model_type(name: str) -> str | None:
     """The `model_type` of a preset, a local folder or a hub id; None where it cannot be
     read without loading the model (a hub id offline and not cached)."""
-    from peftlab.models import PRESETS, preset_config
-
     if name in PRESETS:
         return preset_config(name).model_type
     path = Path(name)
@@ -33,8 +34,6 @@ def model_type(name: str) -> str | None:
             return None  # loading the model says what is wrong with the folder
     try:
         from transformers import AutoConfig
-
-        from peftlab.hub import hub_reachable
 
         return AutoConfig.from_pretrained(name, local_files_only=not hub_reachable()).model_type
     except Exception:  # offline and not cached, a typo: the model load reports it

@@ -8,7 +8,6 @@ improving (`early_stopping_patience`).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -43,10 +42,6 @@ class TrainOutcome:
     stopped_early: bool = False
     steps_done: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftlab.data import IGNORE_INDEX
+from peftlab.device import CHUNK_COST, autocast
 from peftlab.dropout import MemberMasks, use_member_attention
 
 
@@ -330,13 +331,6 @@ def decoder_inputs(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
     return inner.prepare_decoder_input_ids_from_labels(labels=labels)
 
 
-# What one more chunk of a micro-batch costs, in row-tokens (a row of the batch times a
-# position of its padded length): each forward and backward has a fixed cost, larger on a GPU
-# (kernel launches) than on a CPU (where the matrix products dominate and padding is paid in
-# full). Chosen by measurement: docs/speed.md, "Length chunks".
-CHUNK_COST = {"cpu": 256, "cuda": 16384}
-
-
 def _lengths(batch: dict[str, torch.Tensor]) -> tuple[list[int], list[int]]:
     """Each row's own encoder and decoder length (its last real position + 1)."""
     def last(real: torch.Tensor) -> list[int]:
@@ -470,8 +464,6 @@ def _chunk_backward(pack: Pack, batch: dict[str, torch.Tensor], member_of_row: t
                     members: list[int], totals: torch.Tensor, device: torch.device,
                     bf16: bool) -> torch.Tensor:
     """Forward and backward of one batch of rows; each member's share of its step loss."""
-    from peftlab.loop import autocast
-
     # Every index built on the host, where the batch is, and sent once: a route gathered on
     # the device, or a boolean mask indexed there, made a GPU wait for each chunk.
     labelled = (batch["labels"] != IGNORE_INDEX).flatten().nonzero().squeeze(1)

@@ -190,3 +190,14 @@ def quarantine(path: Path) -> Path:
         target = path.with_name(f"{path.name}.corrupt{n}")
     shutil.move(str(path), str(target))
     return target
+
+
+def flat_keys(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as dotted keys (`method_args.r`); an empty mapping stays one value."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -28,8 +28,15 @@ from transformers import PreTrainedTokenizerBase
 
 from peftlab import __version__
 from peftlab.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, save_pack_checkpoints
-from peftlab.config import RunConfig, config_changes, read_yaml_mapping
+from peftlab.checks import check_attention_memory, check_label_tokens
+from peftlab.config import RunConfig, config_changes, load_run_config, read_yaml_mapping
 from peftlab.data import Features, tokenize
+from peftlab.device import (
+    EVALUATE_TOGETHER,
+    resolve_device,
+    use_bf16,
+    use_bf16_eval,
+)
 from peftlab.errors import CheckpointError, PeftlabError
 from peftlab.evaluate import EvalResult, EvalSettings, evaluate_model, evaluate_predictions
 from peftlab.files import save_tensors, write_json, write_jsonl, write_yaml
@@ -45,6 +52,7 @@ from peftlab.models import (
     set_dropout,
 )
 from peftlab.pack import Pack, initial_state
+from peftlab.packing import PACK_FREE_KEYS, pack_key, unpackable_because
 from peftlab.records import (
     ADAPTER,
     CELL_FILE,
@@ -59,46 +67,10 @@ from peftlab.records import (
     remove_run_files,
     temporaries,
 )
-from peftlab.tasks import ClassificationTask, Splits, Task, build_task, prepare_splits
+from peftlab.tasks import Splits, Task, build_task, prepare_splits
+from peftlab.trackers import open_trackers
 
 log = logging.getLogger("peftlab")
-
-
-def resolve_device(cfg: RunConfig) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise PeftlabError("`device: cuda` but no CUDA device is available")
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Does this device multiply bf16 matrices in hardware? A CPU without AVX512-BF16 or AMX
-    emulates them, slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    cpu = torch.cpu  # torch's own CPU capability probes: private, hence the fallback
-    return any(getattr(cpu, probe, lambda: False)()
-               for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
-def use_bf16(cfg: RunConfig, device: torch.device) -> bool:
-    """Training. auto: bf16 autocast on a GPU that supports it; fp32 on CPU, where bf16
-    training moved full fine-tuning's loss curve and metric (docs/speed.md)."""
-    if cfg.precision == "auto":
-        return device.type == "cuda" and native_bf16(device)
-    return cfg.precision == "bf16"
-
-
-def use_bf16_eval(cfg: RunConfig, split: str) -> bool:
-    """Evaluation. fp32 (the default) everywhere, so what validation selects (checkpoint,
-    learning rate, size) is chosen on the numbers the test split reports: bf16 rounding
-    flipped 12% of a near-chance model's predictions (docs/speed.md). `bf16-validation`
-    evaluates the repeated validation passes on a bf16 copy (about twice as fast where bf16
-    is native) and the test split in fp32; `bf16` evaluates both in bf16."""
-    if cfg.eval_precision == "bf16-validation":
-        return split != "test"
-    return cfg.eval_precision == "bf16"
 
 
 def selection_of(cfg: RunConfig, task: Task) -> tuple[str, bool]:
@@ -189,42 +161,6 @@ def setup(cfg: RunConfig, for_inference: bool = False, pack: bool = True, data: 
     return setup_pack([cfg], for_inference, pack, data)[0]
 
 
-# What the members of a pack may differ in (peftlab.pack): everything else is one model, one
-# method and size, one schedule shape (steps, batches, evaluations) for all of them. Each
-# member reads its own training sample (its seed's draw of its train_size) and keeps its own
-# batch order; validation and test are drawn apart from both (checked in setup_pack).
-PACK_FREE_KEYS = ("seed", "learning_rate", "train_size", "output_dir")
-
-
-def pack_key(cfg: RunConfig) -> str:
-    """Runs with equal keys can train in one pack."""
-    import json
-
-    return json.dumps({k: v for k, v in cfg.model_dump(mode="json").items()
-                       if k not in PACK_FREE_KEYS}, sort_keys=True)
-
-
-def unpackable_because(cfg: RunConfig) -> str | None:
-    """Why this run cannot train in a pack with others; None where it can."""
-    from peftlab.families import family
-
-    method = get_method(cfg.method)
-    if isinstance(method, Baseline) or not method.trains:
-        return f"method `{method.name}` does not train"
-    if method.route is None:
-        return f"method `{method.name}` has no routed form (peftlab.pack)"
-    if family(cfg.model) == "bart" and cfg.dropout != 0:
-        # BART applies its dropout with torch's global generator inside its layers, where a
-        # member's own masks (peftlab.dropout) cannot reach: members would not be their runs
-        return "BART's dropout is drawn inside its layers, not per member: set `dropout: 0`"
-    return None
-
-
-def packable(cfg: RunConfig) -> bool:
-    """Can this run train in a pack with others?"""
-    return unpackable_because(cfg) is None
-
-
 def setup_pack(cfgs: list[RunConfig], for_inference: bool = False, pack: bool = True,
                data: bool = True) -> list[Setup]:
     """One setup per run, all on ONE model: the runs' method tensors are the members of its
@@ -278,76 +214,6 @@ def setup_pack(cfgs: list[RunConfig], for_inference: bool = False, pack: bool = 
         s.bf16 = use_bf16(s.cfg, device)
         s._eval_features = eval_features
     return setups
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes this process could still allocate: free GPU memory, or MemAvailable (Linux)."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def check_attention_memory(setups: list[Setup]) -> None:
-    """Refuse, before allocating, a run whose training or evaluation cannot fit, so nothing
-    fails after hours of training (`max_source_length: 100000` on SAMSum ended in an
-    out-of-memory traceback, or on Linux the kernel killing the process with no message).
-    A lower bound of the largest tensors: training, the attention scores, softmax and
-    dropout mask of every encoder layer of the largest batch; evaluation, one layer's scores
-    for eval_batch_size inputs, plus free generation's key/value cache over its beams and one
-    step's vocabulary scores, or rank classification's vocabulary scores at every target
-    position. A method's extra positions (prompt or prefix tokens) count; in a pack, every
-    member's batches at once, the longest input of any member."""
-    s, rows = setups[0], len(setups)
-    if s.model is None:
-        return
-    config, cfg = s.model.config, s.cfg
-    heads = getattr(config, "num_heads", None) or getattr(config, "encoder_attention_heads", 1)
-    layers = getattr(config, "num_layers", None) or getattr(config, "encoder_layers", 1)
-    decoder_layers = getattr(config, "num_decoder_layers", None) or getattr(
-        config, "decoder_layers", None) or layers
-    d_kv = getattr(config, "d_kv", None) or config.d_model // heads
-    longest = max(max((len(x) for x in m.features(split).input_ids), default=0)
-                  for m in setups for split in ("train", "validation", "test"))
-    queries, keys = (s.method.extra_positions(s.method.Args.model_validate(cfg.method_args))
-                     if isinstance(s.method, Method) else (0, 0))
-    per_matrix = heads * (longest + queries) * (longest + keys) * 4 * 3
-    generated = cfg.eval_batch_size * cfg.num_beams
-    cache = 2 * 2 * decoder_layers * generated * heads * d_kv * 4 * (
-        longest + keys + cfg.max_new_tokens)  # self and cross attention, keys and values
-    vocabulary = config.vocab_size * 4 * 2  # scores and their log-softmax
-    evaluation = max(cfg.eval_batch_size * per_matrix,
-                     cache + generated * vocabulary,
-                     cfg.eval_batch_size * cfg.max_target_length * vocabulary)
-    needed = rows * max(cfg.batch_size * per_matrix * layers, evaluation)
-    free = available_memory(s.device)
-    if free is not None and needed > free:
-        extra = f", plus {max(queries, keys):,} method tokens" if queries + keys else ""
-        raise PeftlabError(
-            f"the longest input is {longest:,} tokens (`max_source_length` "
-            f"{cfg.max_source_length:,}{extra}): "
-            f"training and evaluating it need at least {needed / 2**30:.1f} GiB (attention "
-            f"scores, and evaluation's generation cache and vocabulary scores), and "
-            f"{free / 2**30:.1f} GiB is free. Lower `max_source_length`, `batch_size`, "
-            "`eval_batch_size`, `num_beams` or `max_new_tokens` (or the method's tokens).")
-
-
-def check_label_tokens(task: Task, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Rank classification cannot tell apart label words that tokenize the same."""
-    if not isinstance(task, ClassificationTask):
-        return
-    seen: dict[tuple[int, ...], str] = {}
-    for word in task.label_words:
-        ids = tuple(tokenizer(word)["input_ids"])
-        if ids in seen:
-            raise PeftlabError(f"label words {seen[ids]!r} and {word!r} are the same tokens "
-                               f"{list(ids)} for this tokenizer; give each class its own word")
-        seen[ids] = word
 
 
 def parameter_counts(s: Setup) -> dict[str, Any]:
@@ -467,7 +333,6 @@ def _trackers(cfg: RunConfig, resume: Checkpoint | None, kept_rows: list[dict[st
     study, its folder's name)."""
     if not cfg.log_to:
         return []
-    from peftlab.trackers import open_trackers
 
     cell = Path(cfg.output_dir) / CELL_FILE
     labels = {"study": Path(cfg.output_dir).parent.name, **read_json(cell)} \
@@ -597,16 +462,6 @@ def _run_records(records: list[_Record], cfgs: list[RunConfig], setups: list[Set
     return summaries
 
 
-# Whether a pack evaluates its members together (each batch of inputs tiled once per member,
-# rows routed to their members: peftlab.evaluate), by device type; otherwise member after
-# member, each at its run's own batches. On this CPU the larger batch costs more than it saves:
-# SAMSum cells of the Flan-T5-small geometry in packs of 4 spent 1.27x their unpacked runs'
-# time in validation with every member in one batch, 1.21x with two members a batch (whole
-# runs 0.88x and 0.89x), and SST-2 cells 1.06x (docs/speed.md, sessions 9 and 10). On a GPU
-# one run's batch leaves the device idle: members go together there (to be measured, gpu.sh).
-EVALUATE_TOGETHER = {"cpu": False}  # other devices: True
-
-
 def evaluate_pack(setups: list[Setup], split: str, indices: list[int], progress: bool
                   ) -> list[EvalResult]:
     """Members `indices` of a pack evaluated on one split: together where the device gains
@@ -676,8 +531,6 @@ def phase_seconds(rows: list[dict[str, Any]], setup_s: float, test_s: float, tra
 
 
 def load_run_dir(run_dir: str | Path) -> tuple[RunConfig, Path]:
-    from peftlab.config import load_run_config
-
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise PeftlabError(f"{run_dir}: not a run folder (no config.yaml)")

@@ -29,9 +29,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
-from peftlab.config import flat_keys
 from peftlab.errors import ConfigError
-from peftlab.records import TENSORBOARD, TRACKER_FOLDERS
+from peftlab.records import TENSORBOARD, TRACKER_FOLDERS, flat_keys
 
 TRACKERS = ("tensorboard", "mlflow", "wandb", "trackio")  # each its package and its extra
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from peftlab.errors import ConfigError, PeftlabError, did_you_mean
+from peftlab.families import model_type
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,6 @@ class Method:
     def check_family(self, family: str | None, model: str) -> None:
         """A clear error where the method cannot adapt this family's models."""
         if self.families is not None and family is not None and family not in self.families:
-            from peftlab.families import model_type
-
             raise ConfigError(
                 f"`method`: {self.name} supports {' and '.join(self.families)} models; `model` "
                 f"{model} is a {model_type(model)} model (peftlab.families lists the families)"

@@ -32,6 +32,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from peftlab.dropout import attention_forward
 from peftlab.limits import MAX_TOKENS
 from peftlab.methods.base import Method, MethodContext, freeze, load_named_state
+from peftlab.models import common_tokens, load_tokenizer
 from peftlab.pack import Router, Stack, routed_model
 
 ATTN_NAME = "peftlab_prefix"
@@ -256,8 +257,6 @@ def _vocab_init(model: nn.Module, store: PrefixStore, modules: dict[str, list],
                 ctx: MethodContext) -> None:
     """Li & Liang: initialise with the activations of real words (here: tokens sampled from
     the 5,000 most common, as prompt tuning's vocab init does)."""
-    from peftlab.models import common_tokens, load_tokenizer
-
     pool = torch.tensor(common_tokens(load_tokenizer(ctx.tokenizer_path), 5000))
     tokens = pool[torch.randint(len(pool), (1, store.n))]
     captured: dict[int, torch.Tensor] = {}

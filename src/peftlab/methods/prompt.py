@@ -17,6 +17,7 @@ from torch import nn
 
 from peftlab.limits import MAX_TOKENS
 from peftlab.methods.base import Method, MethodContext
+from peftlab.models import common_tokens, load_tokenizer
 from peftlab.pack import Router, Stack, per_row
 
 
@@ -52,8 +53,6 @@ class Args(BaseModel):
 def _vocab_init(model: nn.Module, args: Args, ctx: MethodContext) -> None:
     """Lester et al.: each prompt row starts as the embedding of a token drawn from the 5,000
     most common ones (with the torch generator, seeded by the run's seed)."""
-    from peftlab.models import common_tokens, load_tokenizer
-
     pool = torch.tensor(common_tokens(load_tokenizer(ctx.tokenizer_path), args.vocab_top_k))
     chosen = pool[torch.randint(len(pool), (args.num_virtual_tokens,))]
     embeddings = model.get_input_embeddings().weight

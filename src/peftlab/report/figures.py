@@ -3,17 +3,30 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-import matplotlib
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+from peftlab.files import read_jsonl
 
-from peftlab.files import read_jsonl  # noqa: E402
+if TYPE_CHECKING:
+    import matplotlib.pyplot as plt
 
 REFERENCE_METHODS = ("untuned", "majority", "lead-3")
+
+
+def _pyplot() -> ModuleType:
+    """matplotlib's pyplot, drawing to files only. Imported when a figure is drawn: importing
+    matplotlib writes its font cache and config folder under HOME, and a run, or a program
+    that reads the report's tables, must write nowhere it was not given."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot
+
+    return matplotlib.pyplot
 
 
 def _save(fig: plt.Figure, folder: Path, name: str) -> Path:
@@ -22,15 +35,18 @@ def _save(fig: plt.Figure, folder: Path, name: str) -> Path:
     png = folder / f"{name}.png"
     fig.savefig(png, dpi=130, bbox_inches="tight")
     fig.savefig(folder / f"{name}.svg", bbox_inches="tight")
-    plt.close(fig)
+    _pyplot().close(fig)
     return png
 
 
 def method_colors(names: list[str]) -> dict[str, str]:
     """One colour per method for the whole report (every task and figure): from the sorted
     names of all the study's methods, so a method keeps its colour across figures."""
+    plt = _pyplot()
+    from matplotlib.colors import to_hex  # after _pyplot: see there
+
     palette = list(plt.get_cmap("tab10").colors) + list(plt.get_cmap("Dark2").colors)
-    return {n: matplotlib.colors.to_hex(palette[i % len(palette)])
+    return {n: to_hex(palette[i % len(palette)])
             for i, n in enumerate(sorted(set(names)))}
 
 
@@ -64,7 +80,7 @@ def learning_curves(study_dir: Path, best: pd.DataFrame, task: str, size, out: P
     +-std over seeds, step 0 (the untrained model) shown."""
     chosen = best[(best.task == task) & (best.train_size == size)]
     metric = chosen.metric.iloc[0]
-    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(12, 4), sharex=True)
+    fig, (ax_loss, ax_val) = _pyplot().subplots(1, 2, figsize=(12, 4), sharex=True)
     trained = chosen[~chosen.method_name.isin(REFERENCE_METHODS)]
     seeds = seeds_phrase(list(trained.seeds))
     drawn: dict[str, list] = {"train_loss": [], f"val_{metric}": []}
@@ -121,7 +137,7 @@ def efficiency(headline: pd.DataFrame, task: str, size, out: Path, colors: dict[
     """Trainable parameters (log) vs test metric: one curve per method across its size knob."""
     table = headline[(headline.task == task) & (headline.train_size == size)]
     higher = bool(table.higher_is_better.iloc[0])
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = _pyplot().subplots(figsize=(8, 4.5))
     trained = table[table.trainable_params > 0].sort_values("trainable_params")
     drawn: list = []
     for name, g in trained.groupby("method_name"):
@@ -154,7 +170,7 @@ def data_scaling(best: pd.DataFrame, task: str, out: Path, colors: dict[str, str
     table = best[best.task == task]
     sizes = sorted({s for s in table.train_size if s != "all"})
     position = {s: i for i, s in enumerate(sizes)}
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = _pyplot().subplots(figsize=(8, 4.5))
     drawn: list = []
     for name, g in table[table.train_size != "all"].groupby("method_name"):
         g = g.sort_values("train_size", key=lambda s: s.map(position))
@@ -176,7 +192,7 @@ def expected_search(expected: pd.DataFrame, best: pd.DataFrame, task: str, size,
     """Expected best validation score after n configurations tried at random, and the test
     score of that choice, per trained method (report.select.expected_best)."""
     table = expected[(expected.task == task) & (expected.train_size == size)]
-    fig, (ax_val, ax_test) = plt.subplots(1, 2, figsize=(12, 4), sharex=True)
+    fig, (ax_val, ax_test) = _pyplot().subplots(1, 2, figsize=(12, 4), sharex=True)
     drawn: dict[str, list] = {"val": [], "test": []}
     for name, g in table.groupby("method_name"):
         g = g.sort_values("configurations")
@@ -200,5 +216,5 @@ def expected_search(expected: pd.DataFrame, best: pd.DataFrame, task: str, size,
 
 
 def is_nonempty_image(path: Path) -> bool:
-    data = plt.imread(path)
+    data = _pyplot().imread(path)
     return data.size > 0 and float(np.std(data)) > 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -61,6 +61,8 @@ class ClassificationTask:
     max_new_tokens: int = 8
     kind: Literal["classification"] = "classification"
     primary_metric: str = "accuracy"
+    # what `selection_metric` may name besides the loss
+    selectable_metrics: ClassVar[tuple[str, ...]] = ("accuracy", "generation_exact_match")
     higher_is_better: bool = True
 
     def metrics(
@@ -127,6 +129,7 @@ class GenerationTask:
     # sentence-level rougeL gave LEAD-3 24.2 against the papers' 29.4)
     primary_metric: str = "rougeLsum"
     higher_is_better: bool = True
+    selectable_metrics: ClassVar[tuple[str, ...]] = ROUGE_TYPES
 
     def metrics(
         self, generated: list[str], examples: list[Example]

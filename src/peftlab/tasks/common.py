@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator
 
 from peftlab.errors import DataError
+from peftlab.hub import hub_reachable, offline_by_setting
 
 
 def data_dir(explicit: str | None) -> Path | None:
@@ -33,8 +34,6 @@ def absolute_data_dir(args: Any) -> Any:
 
 def load_hub_split(dataset: str, config: str | None, split: str) -> list[dict[str, Any]]:
     """A split from the HF hub via `datasets`; offline failures say how to use local files."""
-    from peftlab.hub import hub_reachable, offline_by_setting
-
     if not offline_by_setting() and not hub_reachable():
         # at once, not after datasets' retries (HF_HUB_OFFLINE=1 reads a cached copy)
         raise DataError(
