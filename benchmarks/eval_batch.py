@@ -20,8 +20,8 @@ from typing import Any
 import torch
 
 import peftlab.evaluate as evaluate
-from peftlab.bench import _setup
 from peftlab.denormals import flushed_denormals
+from peftlab_bench.common import setup
 
 seconds: collections.Counter[str] = collections.Counter()
 
@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--model", default="flan-t5-small-random")
     a = ap.parse_args()
 
-    _, s, _ = _setup("lora", "sst2", 8, 16, model=a.model)
+    _, s, _ = setup("lora", "sst2", 8, 16, model=a.model)
     features = s.features("test")
     settings = s.eval_settings("test", progress=False)
     candidates = [s.tokenizer(w)["input_ids"] for w in s.task.label_words]

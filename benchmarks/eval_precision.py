@@ -14,7 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
-from peftlab.bench import measure_eval_precision
+from peftlab_bench.evaluation import measure_eval_precision
 
 
 def main() -> None:

@@ -5,5 +5,5 @@
 #   PEFTLAB_DATA_DIR=../shared/data bash benchmarks/gpu-grid.sh [OUT]
 set -uo pipefail
 out=${1:-benchmarks/results/gpu}
-python3 -m peftlab bench --out "$out" --keep --precision bf16 --steps 30 --warmup 10 \
+python3 benchmarks/bench.py --out "$out" --keep --precision bf16 --steps 30 --warmup 10 \
   --sections grid --grid-runs 2 --grid-steps 50 --runs-per-gpu 1,8,4,2

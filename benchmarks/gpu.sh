@@ -5,7 +5,7 @@
 #   PEFTLAB_DATA_DIR=../shared/data bash benchmarks/gpu.sh [OUT]
 set -uo pipefail
 out=${1:-benchmarks/results/gpu}
-bench() { python3 -m peftlab bench --out "$out" --model "${BENCH_MODEL:-flan-t5-small-random}" --precision bf16 --steps 30 --warmup 10 "$@"; }
+bench() { python3 benchmarks/bench.py --out "$out" --model "${BENCH_MODEL:-flan-t5-small-random}" --precision bf16 --steps 30 --warmup 10 "$@"; }
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers',
 transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name(0))" || exit 1
 # packed training (issue 16): the same runs alone (one per GPU, and 8 sharing it) and in packs

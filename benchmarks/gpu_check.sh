@@ -45,7 +45,7 @@ step pack-steps-sst2 75 "$py" benchmarks/pack_step.py --device "$device" $bf16 \
 step pack-steps-samsum 60 "$py" benchmarks/pack_step.py --device "$device" $bf16 \
     --model "$model" --task samsum --members "1,$big,$members" --steps "$steps" \
     --methods lora,prefix
-step whole-runs 60 "$py" -m peftlab bench --out "$OUT/bench" --model "$model" \
+step whole-runs 60 "$py" benchmarks/bench.py --out "$OUT/bench" --model "$model" \
     --precision bf16 --sections matmul,pack --shapes sst2 --methods lora \
     --pack-sizes "$big" --pack-runs "$big" --runs-per-gpu "$big" --pack-study ''
 step eval-together 45 "$py" benchmarks/eval_together.py --device "$device" --model "$model" \

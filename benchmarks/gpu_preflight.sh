@@ -12,12 +12,15 @@ if [ -d gpu/wheels ] && [ -z "${GPU_CHECK_NO_INSTALL:-}" ]; then
 fi
 "$py" - <<'PY'
 import importlib
+import sys
 
 import torch
 
+sys.path.insert(0, "benchmarks")  # peftlab_bench, the benchmark the check runs
+
 for name in ("transformers", "peft", "pydantic", "typer", "rich", "pandas", "rouge_score",
              "pysbd", "safetensors", "tokenizers", "yaml", "numpy", "peftlab.run",
-             "peftlab.study", "peftlab.bench"):
+             "peftlab.study", "peftlab_bench.runner"):
     module = importlib.import_module(name)
     print(name, getattr(module, "__version__", ""))
 print("torch", torch.__version__, "cuda", torch.version.cuda)

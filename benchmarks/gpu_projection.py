@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-from peftlab.bench import measure_matmul, model_flops
 from peftlab.config import resolve_run_config
 from peftlab.data import training_batches
 from peftlab.dropout import MemberMasks, member_dropout
@@ -32,6 +31,8 @@ from peftlab.models import PRESETS, preset_config
 from peftlab.pack import step_gradients
 from peftlab.run import evaluate_pack, setup_pack
 from peftlab.study import load_study
+from peftlab_bench.common import model_flops
+from peftlab_bench.training import measure_matmul
 
 METHODS = ("lora", "prompt", "prefix", "ia3", "ln", "full")
 

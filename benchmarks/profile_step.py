@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from peftlab.bench import _setup
 from peftlab.data import training_batches
 from peftlab.denormals import set_flush_denormal
+from peftlab_bench.common import setup
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--ops", action="store_true")
     a = ap.parse_args()
 
-    cfg, s, features = _setup(a.method, a.shape, 8, 256, model=a.model)
+    cfg, s, features = setup(a.method, a.shape, 8, 256, model=a.model)
     set_flush_denormal(not a.denormals)  # every compute thread, as the training loop does
     model = s.model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -1,4 +1,5 @@
-"""`peftlab bench`: the FLOP count, the report, flag checking, and real measurements on t5-tiny."""
+"""The developer benchmark (`benchmarks/bench.py`, `benchmarks/peftlab_bench/`): the FLOP count, the
+report, flag checking, and real measurements on t5-tiny."""
 
 import json
 from types import SimpleNamespace
@@ -6,14 +7,12 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-from peftlab.bench import (
-    markdown,
-    measure_cell_ours,
-    measure_cell_reference,
-    model_flops,
-    run_benchmark,
-)
-from peftlab.cli import app
+from peftlab_bench.cli import app
+from peftlab_bench.common import model_flops
+from peftlab_bench.markdown import markdown
+from peftlab_bench.reference import measure_cell_reference
+from peftlab_bench.runner import run_benchmark
+from peftlab_bench.runs import measure_cell_ours
 
 runner = CliRunner()
 
@@ -33,11 +32,11 @@ def test_model_flops_counts_each_matmul_once_per_token():
 
 
 def test_bench_refuses_unknown_sections_and_shapes(tmp_path):
-    result = runner.invoke(app, ["bench", "--out", str(tmp_path), "--sections", "train,speed"])
+    result = runner.invoke(app, ["--out", str(tmp_path), "--sections", "train,speed"])
     assert result.exit_code == 2 and "'speed'" in result.output and "numerics" in result.output
-    result = runner.invoke(app, ["bench", "--out", str(tmp_path), "--shapes", "mnli"])
+    result = runner.invoke(app, ["--out", str(tmp_path), "--shapes", "mnli"])
     assert result.exit_code == 2 and "'mnli'" in result.output
-    result = runner.invoke(app, ["bench", "--out", str(tmp_path), "--runs-per-gpu", "1,two"])
+    result = runner.invoke(app, ["--out", str(tmp_path), "--runs-per-gpu", "1,two"])
     assert result.exit_code == 2 and "--runs-per-gpu" in result.output
     assert not (tmp_path / "bench.json").exists()
 
@@ -125,7 +124,7 @@ def test_tiny_benchmark_matches_the_reference_loss_and_keeps_earlier_sections(tm
 
 @pytest.mark.slow  # 15 s of subprocesses: a benchmark's check
 def test_eval_precision_compares_one_checkpoint_in_fp32_and_bf16():
-    from peftlab.bench import measure_eval_precision
+    from peftlab_bench.evaluation import measure_eval_precision
 
     r = measure_eval_precision("lora", 2, model="t5-tiny")
     assert r["examples"] == 872  # the whole SST-2 test split
@@ -138,7 +137,7 @@ def test_eval_precision_compares_one_checkpoint_in_fp32_and_bf16():
 
 def test_mfu_section_measures_full_fine_tuning_per_precision_and_batch_size(tmp_path,
                                                                             monkeypatch):
-    import peftlab.bench as bench
+    import peftlab_bench.runner as bench
 
     calls = []
 
@@ -160,7 +159,7 @@ def test_mfu_section_measures_full_fine_tuning_per_precision_and_batch_size(tmp_
 def test_repeats_measure_back_to_back_pairs_in_alternating_order(tmp_path, monkeypatch):
     """The reported ratio is the median of back-to-back pairs' ratios, not a ratio of
     medians, and each row keeps every pair's ratio."""
-    import peftlab.bench as bench
+    import peftlab_bench.runner as bench
 
     calls = []
     # the host slows down over time: each measurement is slower than the one before
@@ -196,7 +195,7 @@ def test_repeats_measure_back_to_back_pairs_in_alternating_order(tmp_path, monke
 
 
 def test_a_failed_repeat_reports_the_error_and_no_ratio(tmp_path, monkeypatch):
-    import peftlab.bench as bench
+    import peftlab_bench.runner as bench
 
     calls = []
 
@@ -231,7 +230,7 @@ def test_a_small_cell_reports_where_each_pipelines_seconds_went():
 def test_grid_on_cpu_runs_up_to_one_worker_per_cpu_and_says_so(tmp_path, monkeypatch):
     import os
 
-    import peftlab.bench as bench
+    import peftlab_bench.runner as bench
 
     calls = []
 
@@ -254,7 +253,7 @@ def test_grid_on_cpu_runs_up_to_one_worker_per_cpu_and_says_so(tmp_path, monkeyp
 def test_grid_measures_runs_through_the_study_runner_on_cpu():
     import os
 
-    from peftlab.bench import measure_grid
+    from peftlab_bench.runs import measure_grid
 
     r = measure_grid(runs_per_gpu=2, n_runs=2, model="t5-tiny", max_steps=2)
     assert r["statuses"] == {"completed": 2}
@@ -263,7 +262,7 @@ def test_grid_measures_runs_through_the_study_runner_on_cpu():
 
 
 def test_pack_measures_the_same_runs_unpacked_and_packed_with_their_mfu():
-    from peftlab.bench import measure_pack
+    from peftlab_bench.runs import measure_pack
 
     cell = {"max_steps": 2, "eval_every": 2, "train_size": 16, "val_size": 4, "test_size": 4,
             "batch_size": 4}
@@ -281,7 +280,7 @@ def test_pack_measures_the_same_runs_unpacked_and_packed_with_their_mfu():
 
 def test_pack_section_runs_each_pack_size_beside_the_unpacked_runs_and_reports_them(tmp_path,
                                                                                     monkeypatch):
-    import peftlab.bench as bench
+    import peftlab_bench.runner as bench
 
     calls = []
 
@@ -313,8 +312,9 @@ def test_pack_measurement_workers_split_the_host_on_a_gpu_too(monkeypatch):
     oversubscribed the host and slowed the 8-process baseline; forced GPU branch here."""
     import peftlab.device
     import peftlab.study
-    from peftlab.bench import SHAPES, measure_pack
     from peftlab.device import threads_per_worker
+    from peftlab_bench.common import SHAPES
+    from peftlab_bench.runs import measure_pack
 
     captured = []
 

@@ -35,8 +35,7 @@ def test_every_module_is_in_the_readme_and_imports_only_rows_above_or_its_own():
     rows = readme_rows()
     rank = {name: i for i, row in enumerate(rows) for name in row}
     modules = {top_module(p) for p in PACKAGE.rglob("*.py")} - {"__init__", "__main__"}
-    assert modules <= set(rank) | {"bench"}, modules - set(rank)  # bench: beside the front ends
-    rank["bench"] = rank["cli"]
+    assert modules <= set(rank), modules - set(rank)
     upward = [(top_module(p), name) for p in PACKAGE.rglob("*.py") if top_module(p) in rank
               for name in imported(p) if rank[name] > rank[top_module(p)]]
     assert upward == []

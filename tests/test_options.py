@@ -218,14 +218,14 @@ def test_fused_adamw_takes_the_same_step_as_the_reference_implementation():
 def test_training_on_cpu_flushes_denormals_and_restores_the_setting_after():
     import torch
 
-    from peftlab.bench import _setup
     from peftlab.loop import train
+    from peftlab_bench.common import setup
 
     def denormal() -> float:
         return (torch.tensor([1e-20]) * torch.tensor([1e-20])).item()  # 1e-40: a denormal
 
     assert denormal() != 0.0
-    cfg, s, features = _setup("lora", "sst2", 4, 16, model="t5-tiny")
+    cfg, s, features = setup("lora", "sst2", 4, 16, model="t5-tiny")
     cfg = cfg.model_copy(update={"max_steps": 2, "eval_every": 1})
     seen = []
 
