@@ -86,6 +86,9 @@ def test_a_merged_model_loads_in_transformers_with_the_same_outputs(tmp_path, ba
         b = model(**batch, decoder_input_ids=start).logits
     assert torch.allclose(a, b, atol=1e-4)
     assert predictions_of(merged, tokenizer, run) == list(run.predictions.prediction)
+    # the untied output embedding stays untied, and the card explains transformers' warning
+    assert merged.lm_head.weight.data_ptr() != merged.shared.weight.data_ptr()
+    assert "will NOT tie them" in (tmp_path / "merged" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("method", ["prefix", "ln"])

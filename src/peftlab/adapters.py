@@ -25,6 +25,7 @@ import yaml
 
 from peftlab import __version__
 from peftlab.errors import PeftlabError, describe_cause
+from peftlab.families import family
 from peftlab.files import atomic_write_text, write_json
 from peftlab.methods import Baseline
 from peftlab.records import ADAPTER, CONFIG, SUMMARY, read_json
@@ -171,6 +172,14 @@ def model_card(cfg: Any, run_dir: Path, merge: bool, own_format: bool) -> str:
         load = ("from peft import PeftModel\nfrom transformers import AutoModelForSeq2SeqLM\n"
                 f"base = AutoModelForSeq2SeqLM.from_pretrained({cfg.model!r})\n"
                 "model = PeftModel.from_pretrained(base, DIR)")
+    # transformers 5's T5Config always asks to tie the output embedding to the input one, so
+    # loading any T5 v1.1 or Flan-T5 checkpoint (google's own too) logs a warning that reads
+    # like damage: say what it means where the user meets it
+    tie = ("\n\ntransformers 5 may log that `shared.weight` and `lm_head.weight` differ and "
+           "\"will NOT tie them\": they are meant to differ (this model's output embedding is "
+           "its own, as in every T5 v1.1 and Flan-T5 checkpoint), and the model loads as "
+           "trained. `peftlab.models.silence_known_warnings()` drops that one message."
+           if merge and family(cfg.model) == "t5" else "")
     return (f"---\nbase_model: {cfg.model}\nlibrary_name: {'transformers' if merge else 'peft'}"
             f"\ntags:\n- peftlab\n- {cfg.method}\n---\n\n"
             f"# {cfg.method} on {cfg.task}, base model {cfg.model}\n\n"
@@ -179,7 +188,7 @@ def model_card(cfg: Any, run_dir: Path, merge: bool, own_format: bool) -> str:
             f"{cfg.learning_rate:g}, {summary.get('steps_done')} steps; the state exported is "
             f"the checkpoint chosen on validation (step {summary.get('best_step')}). Run "
             f"status: {summary.get('status')}.\n\n| split | metric | value |\n|---|---|---|\n"
-            f"{metrics}\n\n## Load\n\n```python\n{load}\n```\n\n## The run's config\n\n"
+            f"{metrics}\n\n## Load\n\n```python\n{load}\n```{tie}\n\n## The run's config\n\n"
             f"```yaml\n{yaml.safe_dump(cfg.model_dump(), sort_keys=False)}```\n")
 
 
