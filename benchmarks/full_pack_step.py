@@ -1,6 +1,6 @@
 """Full fine-tuning steps of P members packed with torch.func (one model's code over stacked
 parameters: `stack_module_state` + `functional_call` + `vmap`) against the same P members'
-steps one after another: does a measured gain justify packing full fine-tuning (issue 16)?
+steps one after another: does a measured gain justify packing full fine-tuning?
 
     PEFTLAB_DATA_DIR=../shared/data .venv/bin/python benchmarks/full_pack_step.py \\
         --members 1,4 --steps 5 --model flan-t5-small-random

@@ -12,7 +12,7 @@ transformers.__version__, 'peft', peft.__version__, torch.cuda.get_device_name(0
 bench --sections matmul,pack --shapes sst2 --methods lora,prompt,prefix,ia3,ln --pack-sizes 8,16,32 --pack-runs 32 --runs-per-gpu 8 --pack-study smoke
 bench --keep --sections pack --shapes samsum --methods lora,prefix --pack-sizes 8,16 --pack-runs 16 --runs-per-gpu 8 --pack-study ''
 # full fine-tuning packed with torch.func (vmap over stacked models) against one by one: on
-# this CPU 0.37-0.73x (docs/speed.md, "Session 10"); packed only if a GPU gains
+# this CPU 0.37-0.73x (docs/speed.md, "Packs"); packed only if a GPU gains
 python3 benchmarks/full_pack_step.py --members 1,8,16 --steps 6 --device cuda --bf16 | tee "$out/full_pack_step.txt"
 bench --keep --sections train --shapes sst2
 bench --keep --sections grid,cell --shapes sst2

@@ -46,9 +46,9 @@ def batches(members: int, steps: int, train_size: int = 256, task: str = "sst2",
             batch_size: int | None = None, lengths: tuple[int, int] | None = None
             ) -> list[list[dict]]:
     """Each member's first `steps` training batches as its run draws them (its seed's sample
-    of `train_size`, length-grouped batches: `peftlab.data.training_batches`). Until
-    session 9 these were consecutive examples (no length grouping), whose padding the packed
-    side's length chunks removed and the one-by-one side paid: it overstated the gain."""
+    of `train_size`, length-grouped batches: `peftlab.data.training_batches`). Consecutive
+    examples would be padded more, which the packed side's length chunks remove and the
+    one-by-one side pays: that overstates the gain."""
     tokenizer = load_tokenizer(default_tokenizer_for(MODEL))  # the same for every preset
     default_batch, source, target = SHAPES[task]
     source, target = lengths or (source, target)

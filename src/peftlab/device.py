@@ -76,7 +76,7 @@ def available_memory(device: torch.device) -> int | None:
 # What one more chunk of a micro-batch costs, in row-tokens (a row of the batch times a
 # position of its padded length): each forward and backward has a fixed cost, larger on a GPU
 # (kernel launches) than on a CPU (where the matrix products dominate and padding is paid in
-# full). Chosen by measurement: docs/speed.md, "Length chunks".
+# full). Chosen by measurement: docs/speed.md, "Packs".
 CHUNK_COST = {"cpu": 256, "cuda": 16384}
 
 

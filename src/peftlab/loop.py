@@ -50,7 +50,7 @@ def make_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Op
         return Adafactor(params, lr=cfg.learning_rate, relative_step=False,
                          scale_parameter=False, warmup_init=False, weight_decay=cfg.weight_decay)
     # fused: one vectorised kernel over all parameters instead of a dozen tensor ops each.
-    # On CPU it took full fine-tuning's optimizer step from 0.40 s to 0.07 s (issue 4).
+    # On CPU it took full fine-tuning's optimizer step from 0.40 s to 0.07 s (docs/speed.md).
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                              fused=fused or None)

@@ -217,7 +217,7 @@ def head_at(model: nn.Module, positions: torch.Tensor) -> Iterator[bool]:
     The loss needs no other, and a batch's padded target positions (its rows' lengths differ)
     cost the head's product with the whole vocabulary and a log-softmax over it, forward and
     backward: a packed SAMSum step of 4 members on the Flan-T5-small geometry took 5.13 s
-    instead of 5.54 (12.1 s instead of 18.1 as one batch; docs/speed.md, "Session 10").
+    instead of 5.54 (12.1 s instead of 18.1 as one batch; docs/speed.md, "Packs").
     Yields False (logits at every position) where the head is not a plain `nn.Linear` (a
     method adapting it routes its rows)."""
     head = model.get_output_embeddings()
