@@ -49,3 +49,15 @@ def test_the_check_sees_an_upward_import(tmp_path):
                       "def f():\n    import peftlab.report\n")
     assert imported(module) == {"run", "report"}
     assert {"run", "study"} <= {n for row in readme_rows() for n in row}
+
+
+def test_the_command_line_starts_without_torch():
+    """`peftlab --help` and a mistyped flag answer before torch loads (5 s here)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import sys, peftlab.cli, peftlab.config; "
+                           "print(sorted(m for m in ('torch', 'transformers') if m in "
+                           "sys.modules))"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

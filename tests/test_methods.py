@@ -280,3 +280,14 @@ def test_everything_counted_receives_a_gradient_and_the_counts_are_what_trains(n
         assert counts["trained_params"] > counts["trainable_params"]  # the MLP trains
     else:
         assert counts["trained_params"] == counts["trainable_params"]
+
+
+def test_methods_declare_what_export_and_the_study_runner_ask_of_them():
+    """What other layers once listed by name: which methods merge into the base weights, and
+    which runs depend on the training sample (every trained method, and the majority class)."""
+    from peftlab.methods import METHODS
+
+    assert {n for n, m in METHODS.items() if getattr(m, "mergeable", False)} == {"lora", "ia3",
+                                                                                "ln"}
+    assert {n for n, m in METHODS.items() if m.uses_training_sample} == \
+        {n for n, m in METHODS.items() if m.trains} | {"majority"}

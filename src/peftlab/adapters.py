@@ -27,12 +27,11 @@ from peftlab import __version__
 from peftlab.errors import PeftlabError, describe_cause
 from peftlab.families import family
 from peftlab.files import atomic_write_text, write_json
-from peftlab.methods import Baseline
+from peftlab.methods import METHODS, Baseline, get_method
 from peftlab.records import ADAPTER, CONFIG, SUMMARY, read_json
 from peftlab.run import load_run_dir, restore, setup
 
 MARKER = "peftlab_adapter.json"
-MERGEABLE = ("lora", "ia3", "ln")
 
 
 def _exportable(run_dir: Path, method: str, force: bool) -> None:
@@ -74,9 +73,10 @@ def export_run(run_dir: str | Path, to: str | Path, merge: bool = False,
     if to.exists() and (not to.is_dir() or any(to.iterdir())):
         raise PeftlabError(f"{to}: exists and is not an empty folder; export into a new one")
     _exportable(run_dir, cfg.method, force)
-    if merge and cfg.method not in MERGEABLE:
+    if merge and not getattr(get_method(cfg.method), "mergeable", False):
+        mergeable = [m.name for m in METHODS.values() if getattr(m, "mergeable", False)]
         raise PeftlabError(f"--merge: `{cfg.method}` adds tensors the base model has no place "
-                           f"for; mergeable: {', '.join(MERGEABLE)}")
+                           f"for; mergeable: {', '.join(mergeable)}")
     # the method's own modules, not a pack's routed ones: what peft saves and merges
     s = setup(cfg, for_inference=True, pack=False, data=False)
     if isinstance(s.method, Baseline) or s.model is None:

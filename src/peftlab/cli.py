@@ -1,4 +1,9 @@
-"""Command line: parse, call, print. Errors in the user's input print one paragraph, exit 2."""
+"""Command line: parse, call, print. Errors in the user's input print one paragraph, exit 2.
+
+Each command imports what it runs inside its function: `peftlab --help` and a mistyped flag
+answer in a quarter of a second instead of the 5 s that importing torch and transformers
+takes here.
+"""
 
 from __future__ import annotations
 

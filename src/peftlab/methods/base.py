@@ -91,10 +91,19 @@ class Method:
     # before training counts them.
     extra_positions: Callable[[BaseModel], tuple[int, int]] = field(
         default=lambda args: (0, 0))
+    # `peftlab export --merge` can fold what it trained into the base weights (a full model
+    # folder); methods that add tensors the base model has no place for cannot
+    mergeable: bool = False
 
     @property
     def trains(self) -> bool:
         return self.default_learning_rate is not None
+
+    @property
+    def uses_training_sample(self) -> bool:
+        """Does a run's result depend on its training sample (a study spans train sizes and
+        seeds for it)?"""
+        return self.trains
 
     def defaults_for(self, family: str | None) -> dict:
         """The settings a config leaves out, on a model of this family."""
@@ -120,6 +129,7 @@ class Baseline:
     summary: str
     default_learning_rate: None = None
     trains: bool = False
+    uses_training_sample: bool = False  # majority: its label is the sample's most frequent
 
 
 def module_names(model: nn.Module) -> list[str]:

@@ -25,5 +25,5 @@ def lead3(train: list, examples: list) -> list[str]:
 
 
 MAJORITY = Baseline("majority", Args, "classification", majority,
-                    "majority class of the training sample")
+                    "majority class of the training sample", uses_training_sample=True)
 LEAD3 = Baseline("lead-3", Args, "generation", lead3, "first three utterances of the dialogue")

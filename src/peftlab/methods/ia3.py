@@ -76,4 +76,5 @@ METHOD = Method("ia3", Args, apply, default_learning_rate=3e-3, adds_parameters=
                 route=route,
                 # peft's own defaults for BART: keys, values and the second feed-forward layer
                 family_defaults={"bart": {"target_modules": ["k_proj", "v_proj", "fc2"],
-                                          "feedforward_modules": ["fc2"]}})
+                                          "feedforward_modules": ["fc2"]}},
+                mergeable=True)

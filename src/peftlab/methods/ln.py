@@ -84,4 +84,4 @@ def route(model: nn.Module, stacks: dict[str, Stack], router: Router) -> None:
 METHOD = Method("ln", Args, apply, default_learning_rate=3e-3, adds_parameters=False,
                 summary="layer-norm parameters only (on T5 its RMS-norm scales: BitFit's analogue "
                 "on a model with no biases)",
-                route=route)
+                route=route, mergeable=True)

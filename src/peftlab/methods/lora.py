@@ -44,4 +44,5 @@ def apply(model: nn.Module, args: Args, ctx: MethodContext, for_inference: bool)
 METHOD = Method("lora", Args, apply, default_learning_rate=1e-3, adds_parameters=True,
                 summary="LoRA via peft: low-rank updates of the target projections",
                 route=routed_model,  # peft's LoRA layers, their A and B routed per row
-                family_defaults={"bart": {"target_modules": ["q_proj", "v_proj"]}})
+                family_defaults={"bart": {"target_modules": ["q_proj", "v_proj"]}},
+                mergeable=True)

@@ -186,7 +186,7 @@ def expand(study: StudyConfig, study_dir: Path) -> list[Cell]:
             # What a run depends on decides which axes it spans: untuned and lead-3 depend on
             # neither the training sample nor the rate, majority only on the training sample.
             trains = method.trains
-            depends_on_sample = trains or spec.method == "majority"
+            depends_on_sample = method.uses_training_sample
             lrs = (spec.learning_rates or [None]) if trains else [None]
             sizes = study.train_sizes if depends_on_sample else [study.train_sizes[0]]
             seeds = study.seeds if depends_on_sample else [study.seeds[0]]
