@@ -428,3 +428,17 @@ def test_a_completed_run_without_a_finite_test_score_is_named(tmp_path):
     import pandas as pd
 
     assert pd.read_csv(paths["headline"]).set_index("label").seeds["lora"] == 2
+
+
+def test_the_reference_rows_are_the_methods_whose_records_trained_nothing():
+    """The report sets apart what trained nothing by the records' `trained_params`, not by a
+    list of method names: a renamed or new baseline is a reference too, and a trained method
+    with a failed run (no count recorded) is not."""
+    import pandas as pd
+
+    from peftlab.report.select import reference_methods
+
+    table = pd.DataFrame({
+        "method_name": ["untuned", "majority", "my-baseline", "lora", "lora", "full"],
+        "trained_params": [0, 0, None, 81920, None, 76961152]})
+    assert reference_methods(table) == ("majority", "my-baseline", "untuned")

@@ -37,11 +37,11 @@ from peftlab.report.select import (
     best_configs,
     expected_best,
     headline_table,
+    reference_methods,
     top_trained,
 )
 from peftlab.report.stats import MIN_SEEDS, POWER, Comparison, crossed_test, holm, untested
 
-REFERENCES = figures.REFERENCE_METHODS
 METRIC_LABELS = {
     "accuracy": "accuracy (%)",
     "generation_exact_match": "exact match of free generation (%)",
@@ -66,7 +66,7 @@ def reference_roles(best: pd.DataFrame) -> dict[str, list[str]]:
     """label -> roles: the configurations every method is compared against in the report (the
     best trained method is chosen on validation)."""
     roles: dict[str, list[str]] = {}
-    ranked = top_trained(best, REFERENCES)
+    ranked = top_trained(best, reference_methods(best))
     if len(ranked):
         roles.setdefault(ranked.iloc[0].label, []).append("best")
     for name in ("full", "untuned"):
@@ -234,7 +234,7 @@ def findings(runs: pd.DataFrame, best: pd.DataFrame, sig: pd.DataFrame,
     view = runs if view is None else view
     out = []
     for (task, size), g in best.groupby(["task", "train_size"]):
-        ranked = top_trained(g, REFERENCES)
+        ranked = top_trained(g, reference_methods(g))
         if ranked.empty:
             continue
         top = ranked.iloc[0]
@@ -244,7 +244,8 @@ def findings(runs: pd.DataFrame, best: pd.DataFrame, sig: pd.DataFrame,
                 f"{_fmt(top.test_std)} "
                 f"over {top.seeds} seeds ({_chosen_how(top, view, selection)}).")
         higher = bool(top.higher_is_better)
-        refs = g[g.method_name.isin(REFERENCES)].sort_values("test_mean", ascending=not higher)
+        refs = g[g.method_name.isin(reference_methods(g))].sort_values(
+            "test_mean", ascending=not higher)
         phrases, not_above = [], []
         for _, ref in refs.iterrows():
             p = _pair(sig, task, size, top.label, ref.label)
@@ -269,14 +270,14 @@ def findings(runs: pd.DataFrame, best: pd.DataFrame, sig: pd.DataFrame,
         if not untuned.empty:
             level = untuned.iloc[0]
             hurt = []
-            for _, r in g[~g.method_name.isin(REFERENCES)].iterrows():
+            for _, r in g[~g.method_name.isin(reference_methods(g))].iterrows():
                 p = _pair(sig, task, size, r.label, level.label)
                 if p is not None and p.significant is True and (p.difference < 0) == higher:
                     hurt.append(f"{r.label} ({p.difference:+.1f})")
             if hurt:
                 out.append(f"{task}, {size} examples: significantly below the untuned model "
                            f"({_fmt(level.test_mean)}) after training: {', '.join(hurt)}.")
-    trained = best[~best.method_name.isin(REFERENCES)]
+    trained = best[~best.method_name.isin(reference_methods(best))]
     step0 = trained[trained.best_step0 > 0]
     if len(step0):
         names = ", ".join(f"{r.task} {r.label} n={r.train_size} ({r.best_step0}/{r.seeds})"
@@ -325,8 +326,9 @@ def display_headline(headline: pd.DataFrame, task: str, sizes: list) -> pd.DataF
     t = headline[headline.task == task]
     seeds = int(t[~t.seedless].seeds.max()) if (~t.seedless).any() else 1
     rows = []
+    references = reference_methods(t)
     order = sorted(t.label.unique(), key=lambda lab: (
-        t[t.label == lab].method_name.iloc[0] not in REFERENCES,
+        t[t.label == lab].method_name.iloc[0] not in references,
         t[t.label == lab].method_name.iloc[0], t[t.label == lab].trainable_params.iloc[0]))
     memory = _memory_column(t.peak_memory_kind)
     if "pack_size" in t and (t.pack_size > 1).any():
@@ -441,7 +443,7 @@ def study_tables(study_dir: str | Path, selection: str | None = None) -> StudyTa
                            f"({len(failed)} failed){first}")
     best = best_configs(view, selection)
     sig = significance_table(study_dir, headline, best)
-    expected = expected_best(view, REFERENCES)
+    expected = expected_best(view, reference_methods(view))
     return StudyTables(runs, headline, sig, best, view, left_out, expected, selection)
 
 

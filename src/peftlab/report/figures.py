@@ -10,12 +10,10 @@ import numpy as np
 import pandas as pd
 
 from peftlab.files import read_jsonl
+from peftlab.report.select import reference_methods
 
 if TYPE_CHECKING:
     import matplotlib.pyplot as plt
-
-REFERENCE_METHODS = ("untuned", "majority", "lead-3")
-
 
 def _pyplot() -> ModuleType:
     """matplotlib's pyplot, drawing to files only. Imported when a figure is drawn: importing
@@ -81,7 +79,8 @@ def learning_curves(study_dir: Path, best: pd.DataFrame, task: str, size, out: P
     chosen = best[(best.task == task) & (best.train_size == size)]
     metric = chosen.metric.iloc[0]
     fig, (ax_loss, ax_val) = _pyplot().subplots(1, 2, figsize=(12, 4), sharex=True)
-    trained = chosen[~chosen.method_name.isin(REFERENCE_METHODS)]
+    references = reference_methods(chosen)
+    trained = chosen[~chosen.method_name.isin(references)]
     seeds = seeds_phrase(list(trained.seeds))
     drawn: dict[str, list] = {"train_loss": [], f"val_{metric}": []}
     first_loss_step = None
@@ -90,7 +89,7 @@ def learning_curves(study_dir: Path, best: pd.DataFrame, task: str, size, out: P
         if not frames:
             continue
         color = colors[cfg.method_name]
-        name = f"{cfg.label}" + ("" if cfg.method_name in REFERENCE_METHODS
+        name = f"{cfg.label}" + ("" if cfg.method_name in references
                                  else f" (lr {cfg.lrs})")
         for ax, column in ((ax_loss, "train_loss"), (ax_val, f"val_{metric}")):
             series = [f.set_index("step")[column].dropna() for f in frames if column in f]
@@ -170,16 +169,17 @@ def data_scaling(best: pd.DataFrame, task: str, out: Path, colors: dict[str, str
     table = best[best.task == task]
     sizes = sorted({s for s in table.train_size if s != "all"})
     position = {s: i for i, s in enumerate(sizes)}
+    references = reference_methods(table)
     fig, ax = _pyplot().subplots(figsize=(8, 4.5))
     drawn: list = []
     for name, g in table[table.train_size != "all"].groupby("method_name"):
         g = g.sort_values("train_size", key=lambda s: s.map(position))
         x = [position[s] for s in g.train_size]
-        style = "--" if name in REFERENCE_METHODS else "-"
+        style = "--" if name in references else "-"
         ax.errorbar(x, g.test_mean, yerr=g.test_std.fillna(0), marker="o", capsize=3, ls=style,
                     color=colors[name], label=name + _coincident(drawn, name, x, g.test_mean))
     ax.set_xticks(range(len(sizes)), [str(s) for s in sizes])
-    trained = table[~table.method_name.isin(REFERENCE_METHODS)]
+    trained = table[~table.method_name.isin(references)]
     ax.set(xlabel="training examples", ylabel=f"test {metric_label}",
            title=f"{task}: test {metric_label} (mean ± std over {seeds_phrase(list(trained.seeds))}) "
                  "vs training examples;\neach method's size and rate chosen on validation")

@@ -150,6 +150,14 @@ def best_configs(view: pd.DataFrame, selection: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def reference_methods(table: pd.DataFrame) -> tuple[str, ...]:
+    """The methods whose runs trained nothing (the untuned model, the data-only baselines),
+    read from the records' `trained_params`: the rows every comparison sets apart. A method
+    with any run that trained is not one."""
+    untrained = table.trained_params.fillna(0) == 0
+    return tuple(sorted(set(table.method_name[untrained]) - set(table.method_name[~untrained])))
+
+
 def top_trained(best: pd.DataFrame, references: tuple[str, ...]) -> pd.DataFrame:
     """The trained methods of one task and size, best first, ranked by validation mean (the
     test set never chooses what it then judges)."""
