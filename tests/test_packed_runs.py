@@ -507,3 +507,31 @@ def test_a_group_larger_than_a_pack_is_split_evenly(tmp_path):
     groups = packs(expand(study, Path(tmp_path)), 18)
     assert [len(g) for g in groups] == [18, 18]
     assert all({c.config.train_size for c in g} == {16, 32} for g in groups)
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_the_packs_a_study_shows_are_the_packs_it_runs(tmp_path, monkeypatch, backend):
+    """The packs are made once: the dry-run text and the runner get the same groups (on Ray,
+    where a task runs one pack, they are not split to fill workers)."""
+    import peftlab.study
+    from peftlab.api import run_study
+    from peftlab.study import Outcome
+
+    ran, said = [], []
+
+    def fake_execute(cells, *args, groups=None, **kwargs):
+        ran.append(groups)
+        return Outcome({"completed": len(cells)}, [])
+
+    monkeypatch.setattr(peftlab.study, "execute", fake_execute)
+    run_study(STUDY, out=tmp_path / "s", workers=2, pack=8, backend=backend, report=False,
+              progress=False, say=said.append)
+    (groups,) = ran
+    packed = [g for g in groups if len(g) > 1]
+    sizes = ", ".join(map(str, sorted({len(g) for g in packed}, reverse=True)))
+    assert f"{sum(map(len, packed))} of the runs to run in {len(packed)} packs (sizes {sizes})" \
+        in said[0]
+    # lora's 6 runs (2 rates x 3 seeds) and prompt's 3 packed; full fine-tuning and untuned
+    # alone; on Ray nothing is split for the workers
+    assert sorted(len(g) for g in packed) == [3, 6]
+    assert sum(map(len, groups)) == 13  # untuned 1, full 3, lora 6, prompt 3

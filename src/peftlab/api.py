@@ -120,7 +120,6 @@ class Study:
     locked: list[str] = field(default_factory=list)  # cells other processes held
 
     def _tables(self) -> Any:
-
         return study_tables(self.path)
 
     @property
@@ -194,8 +193,10 @@ def run_study(study: str | Path | dict[str, Any] | None = None, *, preset: str |
         warn(message)
     pack_size = pack if pack is not None else config.pack
     n_workers = workers or st.default_workers(plan.todo, runs_per_gpu)
+    # the packs the runner runs (on Ray each is one task), made once: shown, then run
+    groups = st.packs(plan.todo, pack_size, slots=n_workers if backend == "local" else 1)
     if not calibrate:
-        say(st.describe(cells, plan.todo, pack_size, n_workers))
+        say(st.describe(cells, plan.todo, pack_size, n_workers, groups))
     if dry_run:
         return Study(folder)
     st.apply(plan)
@@ -212,14 +213,13 @@ def run_study(study: str | Path | dict[str, Any] | None = None, *, preset: str |
         say(st.describe(cells, st.plan(cells, retry_failed).todo, pack_size, n_workers))
         return Study(folder, outcome.counts, outcome.locked)
     if len(plan.todo) > 1 and backend == "local":
-        groups = st.packs(plan.todo, pack_size, slots=n_workers)
         packed = [g for g in groups if len(g) > 1]
         alone = len(groups) - len(packed)
         how = (f": {sum(map(len, packed))} in {len(packed)} packs, {alone} alone"
                if packed else "")
         say(f"{len(plan.todo)} runs{how}, {n_workers} at a time")
     outcome = st.execute(plan.todo, n_workers, backend, address, runs_per_gpu,
-                         progress=progress, pack=pack_size)
+                         progress=progress, pack=pack_size, groups=groups)
     result = Study(folder, outcome.counts, outcome.locked)
     if report:
         result.report()

@@ -230,12 +230,13 @@ def calibration_cells(todo: list[Cell], pack: int) -> list[Cell]:
     return [c for group in chosen.values() for c in group]
 
 
-def describe(cells: list[Cell], todo: list[Cell], pack: int = 1, workers: int = 1) -> str:
-    """The --dry-run text: runs per task and method, steps, packs, and a time estimate if
-    possible."""
+def describe(cells: list[Cell], todo: list[Cell], pack: int = 1, workers: int = 1,
+             groups: list[list[Cell]] | None = None) -> str:
+    """The --dry-run text: runs per task and method, steps, packs (`groups`: the packs the
+    runner will run, if already made), and a time estimate if possible."""
     lines = [f"{len(cells)} runs ({len(todo)} to run, {len(cells) - len(todo)} finished)"]
     if pack > 1:
-        groups = packs(todo, pack, slots=workers)
+        groups = groups if groups is not None else packs(todo, pack, slots=workers)
         packed = [g for g in groups if len(g) > 1]
         sizes = sorted({len(g) for g in packed}, reverse=True)
         lines.append(f"packs of up to {pack}: {sum(map(len, packed))} of the runs to run in "

@@ -168,9 +168,11 @@ class Outcome:
 
 def execute(cells: list[Cell], workers: int = 1, backend: Literal["local", "ray"] = "local",
             address: str | None = None, runs_per_gpu: int = 1,
-            progress: bool = True, pack: int = 1) -> Outcome:
+            progress: bool = True, pack: int = 1,
+            groups: list[list[Cell]] | None = None) -> Outcome:
     """Run the cells, in packs of up to `pack` (see `packs`): a worker, a Ray task or a GPU
-    slot runs one pack at a time. Returns how many ended in each status, and the cells other
+    slot runs one pack at a time. `groups`: the packs a caller already made of `cells` (and
+    showed), run as they are. Returns how many ended in each status, and the cells other
     processes held."""
     from tqdm.auto import tqdm
 
@@ -195,8 +197,10 @@ def execute(cells: list[Cell], workers: int = 1, backend: Literal["local", "ray"
             done(cell, status)
 
     try:
-        _execute_groups(packs(cells, pack, slots=workers if backend == "local" else 1),
-                        workers, backend, address, runs_per_gpu, progress, arguments, finished)
+        if groups is None:
+            groups = packs(cells, pack, slots=workers if backend == "local" else 1)
+        _execute_groups(groups, workers, backend, address, runs_per_gpu, progress, arguments,
+                        finished)
     finally:
         bar.close()
         lines.stop()
