@@ -36,3 +36,18 @@ def tiny_run_sets(tmp_path: Path, **overrides) -> list[str]:
                   eval_batch_size=16, output_dir=str(tmp_path / "run"))
     values.update(overrides)
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def cli_train(tmp_path: Path, name: str = "run", **overrides) -> tuple[dict, Path]:
+    """`peftlab train --quiet` of a tiny run (`tiny_run_sets`) into tmp_path/name: its summary
+    and folder."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from peftlab.cli import app
+
+    sets = tiny_run_sets(tmp_path, output_dir=str(tmp_path / name), **overrides)
+    result = CliRunner().invoke(app, ["train", "--quiet"] + [x for s in sets for x in ("--set", s)])
+    assert result.exit_code == 0, result.output
+    return json.loads((tmp_path / name / "summary.json").read_text()), tmp_path / name

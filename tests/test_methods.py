@@ -5,7 +5,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from peftlab.cli import app
 from peftlab.data import collate, tokenize
 from peftlab.errors import ConfigError
 from peftlab.families import family
@@ -291,3 +293,24 @@ def test_methods_declare_what_export_and_the_study_runner_ask_of_them():
                                                                                 "ln"}
     assert {n for n, m in METHODS.items() if m.uses_training_sample} == \
         {n for n, m in METHODS.items() if m.trains} | {"majority"}
+
+
+def test_methods_lists_exact_counts():
+    result = CliRunner().invoke(app, ["methods", "--model", "t5-tiny"])
+    assert result.exit_code == 0, result.output
+    for count in ("9,216", "1,280", "7,680", "1,408", "768", "4,359,168"):
+        assert count in result.output
+    assert "lead-3" in result.output
+    # off a terminal, no cell is folded mid-word at 80 columns
+    assert '"target_modules": ["q", "v"]}' in result.output
+    assert '{"num_virtual_tokens": 20, "init": "vocab"' in result.output
+
+
+def test_methods_lists_exact_counts_on_bart_with_its_defaults():
+    result = CliRunner().invoke(app, ["methods", "--model", "bart-tiny"])
+    assert result.exit_code == 0, result.output
+    # LoRA r=8 on q_proj, v_proj (6 attentions, 64 -> 64): 6 * 2 * 8 * 128; prefix 6 * 2 * 20
+    # * 64; (IA)^3 on k_proj, v_proj and fc2's 256 inputs; LayerNorm scales and biases (10)
+    for count in ("12,288", "15,360", "1,792", "1,536", "2,421,248"):
+        assert count in result.output
+    assert '"q_proj"' in result.output and '"fc2"' in result.output  # the family's defaults

@@ -1,5 +1,7 @@
 import pytest
+from typer.testing import CliRunner
 
+from peftlab.cli import app
 from peftlab.errors import ModelLoadError
 from peftlab.models import count_parameters, load_model
 
@@ -175,3 +177,11 @@ def test_the_dropout_setting_reaches_barts_functional_dropouts():
              if isinstance(getattr(m, key, None), float)]
     assert len(rates) > 12 and set(rates) == {0.25}  # layers, attentions, stacks
     assert (model.config.dropout, model.config.activation_dropout) == (0.25, 0.25)
+
+
+def test_offline_hub_model_says_how_to_use_a_local_copy(tmp_path):
+    result = CliRunner().invoke(app, ["train", "--set", "model=google/flan-t5-small",
+                                 "--set", f"output_dir={tmp_path / 'r'}"])
+    assert result.exit_code == 2
+    out = " ".join(result.output.split())
+    assert "could not load model `google/flan-t5-small`" in out and "--local-dir DIR" in out

@@ -6,10 +6,12 @@ from collections import Counter
 import pytest
 from rouge_score import rouge_scorer
 
+from peftlab import files
 from peftlab.errors import DataError
 from peftlab.tasks import Example, build_task, prepare_splits
 from peftlab.tasks.base import split_sentences
 from peftlab.tasks.readers import read_csv, read_jsonl, read_tsv
+from tests.conftest import cli_train
 
 
 @pytest.fixture(scope="module")
@@ -261,3 +263,19 @@ def test_a_training_file_too_small_to_give_validation_says_why(tmp_path):
                                           r"validation is drawn from the 1 training examples, "
                                           r"leaving 0 to train on"):
         prepare_splits(task, 1, 2, "all", seed=0)
+
+
+def test_custom_generation_task_through_the_datasets_library(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    for split, start, n in (("train", 0, 12), ("test", 100, 4)):
+        rows = [{"question": f"what is {i} plus one?", "answer": f"{i + 1}"}
+                for i in range(start, start + n)]
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s, run_dir = cli_train(tmp_path, task="custom", **{
+        "task_args.hf_dataset": str(folder), "task_args.train": "train", "task_args.test": "test",
+        "task_args.input_column": "question", "task_args.target_column": "answer",
+        "task_args.max_new_tokens": 4, "train_size": 6, "val_size": 4, "test_size": 4,
+    })
+    assert s["selection_metric"] == "rougeLsum"
+    assert len(files.read_jsonl(run_dir / "predictions" / "test.jsonl")) == 4
