@@ -7,10 +7,7 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peftlab.config import (
-    config_changes,
-    read_yaml_mapping,
-)
+from peftlab.config import config_changes, read_yaml_mapping
 from peftlab.errors import ConfigError, PeftlabError
 from peftlab.files import write_json, write_yaml
 from peftlab.locks import run_lock

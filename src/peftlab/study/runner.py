@@ -14,23 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from peftlab.config import (
-    RunConfig,
-)
+from peftlab.config import RunConfig
 from peftlab.device import gpu_count, worker_gpus
 from peftlab.errors import STORAGE_ERRNOS, PeftlabError, describe_os_error
 from peftlab.files import write_json
 from peftlab.locks import describe_holder, run_lock
-from peftlab.records import (
-    CELL_FILE,
-    SUMMARY,
-    read_json,
-)
+from peftlab.records import CELL_FILE, SUMMARY, read_json
 from peftlab.run import run, run_pack
 from peftlab.study.planning import pack_name, packs
 from peftlab.study.spec import Cell
 
 log = logging.getLogger("peftlab")
+
 
 def run_cells(configs: list[dict[str, Any]], labels: list[dict[str, Any]],
               progress: bool = False, pack_id: str | None = None) -> list[str]:
