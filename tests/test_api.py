@@ -100,3 +100,14 @@ def test_python_callers_get_the_command_lines_checks(tmp_path):
             study.run(key)
     with pytest.raises(PeftlabError, match=r"`config` is a RunConfig, a mapping .* not list"):
         peftlab.train([1, 2])
+
+
+def test_train_returns_the_record_it_wrote_without_reading_it_back(tmp_path):
+    """`train` returns the config it resolved and the summary it wrote: the same as loading
+    the folder afterwards."""
+    run = peftlab.train({"model": "t5-tiny", "task": "sst2", "method": "lora", "train_size": 16,
+                         "val_size": 8, "test_size": 8, "max_steps": 2,
+                         "output_dir": str(tmp_path / "run")}, progress=False)
+    loaded = peftlab.load_run(run.path)
+    assert run.path == loaded.path and run.config == loaded.config
+    assert run.summary == loaded.summary and run.summary["status"] == "completed"

@@ -107,8 +107,8 @@ def train(config: RunConfig | dict[str, Any] | str | Path | None = None, *,
         if name in settings and settings[name] != raw.get(name) and f"{name}_args" not in settings:
             raw.pop(f"{name}_args", None)
     cfg = resolve_run_config({**raw, **settings})
-    run(cfg, progress=progress, overwrite=overwrite)
-    return load_run(cfg.output_dir)
+    summary = run(cfg, progress=progress, overwrite=overwrite)
+    return Run(Path(cfg.output_dir), cfg, summary)  # what it wrote, not read back
 
 
 @dataclass
