@@ -55,18 +55,10 @@ def plan(cells: list[Cell], retry_failed: bool = False, rerun_changed: bool = Fa
     out = Plan()
     for cell in cells:
         folder = Path(cell.config.output_dir)
-        if not (folder / SUMMARY).exists():
-            unreadable = _unreadable_config(folder)
-            if unreadable:  # an unfinished run whose settings cannot be known: start afresh
-                out.corrupt.append((cell, unreadable))
-                out.todo.append(cell)
-                continue
-            diff = _changes(folder, cell)
-            if diff:
-                out.changed.append((cell, diff))
-            out.todo.append(cell)
-            continue
-        problem = record_problem(folder)
+        finished = (folder / SUMMARY).exists()
+        # a finished record that cannot be trusted, or an unfinished run whose settings cannot
+        # be known: start afresh
+        problem = record_problem(folder) if finished else _unreadable_config(folder)
         if problem:
             out.corrupt.append((cell, problem))
             out.todo.append(cell)
@@ -74,6 +66,7 @@ def plan(cells: list[Cell], retry_failed: bool = False, rerun_changed: bool = Fa
         diff = _changes(folder, cell)
         if diff:
             out.changed.append((cell, diff))
+        if diff or not finished:
             out.todo.append(cell)
         elif retry_failed and read_json(folder / SUMMARY).get("status") == "failed":
             out.retried.append(cell)
