@@ -103,10 +103,10 @@ def test_a_members_masks_are_the_ones_it_draws_alone_whatever_it_is_packed_with(
     assert not torch.equal(hidden[:2, :5], hidden[2:4, :5])
     # in chunks of rows (any members, any order, the chunk's own widths): the same masks
     chunked = MemberMasks([11, 12], CPU)
-    chunked.start([first, second], [0, 1], chunks=2)
-    chunked.chunk([(1, 2), (0, 0)], {"encoder": 9, "decoder": 7})
+    chunked.start([0, 1])
+    chunked.chunk([(1, 2), (0, 0)])  # widths 9 and 7: the chunk's own
     assert torch.equal(chunked.apply(torch.ones(2, 9, 16), 0.3), hidden[[4, 0]])
-    chunked.chunk([(0, 1)], {"encoder": 5, "decoder": 3})
+    chunked.chunk([(0, 1)])
     assert torch.equal(chunked.apply(torch.ones(1, 5, 16), 0.3), hidden[[1], :5])
 
 

@@ -99,18 +99,17 @@ class MemberMasks:
 
     def set_batch(self, batches: list[dict[str, torch.Tensor]], members: list[int]) -> None:
         """One chunk of every row of these members' micro-batches, in order."""
-        self.start(batches, members, chunks=1)
+        self.start(members)
         self.chunk([(k, r) for k, b in enumerate(batches) for r in range(len(b["input_ids"]))])
 
-    def start(self, batches: list[dict[str, torch.Tensor]], members: list[int],
-              chunks: int = 1) -> None:
-        """A micro-batch of each of these members (going through the model in `chunks`)."""
+    def start(self, members: list[int]) -> None:
+        """A micro-batch of each of these members starts (in one chunk of rows or several)."""
         self.keys = [int(torch.randint(0, 2**63 - 1, (), generator=self.generators[m]))
                      for m in members]
 
-    def chunk(self, rows: list[tuple[int, int]], widths: dict[str, int] | None = None) -> None:
+    def chunk(self, rows: list[tuple[int, int]]) -> None:
         """The chunk about to go through the model: its rows as (part, row of the part), in
-        order (`widths`, the chunk's lengths, change nothing: a position is its own)."""
+        order (its widths change nothing: a position is its own)."""
         keys = np.array([self.keys[k] for k, _ in rows], dtype=np.uint64)
         self.row_keys = mix64(keys ^ mix64(np.array([r for _, r in rows], dtype=np.uint64)))
         self.table, self.places, self.call, self.total = None, {}, 0, len(rows)

@@ -435,18 +435,18 @@ def step_gradients(pack: Pack, micro_batches: list[list[dict[str, torch.Tensor]]
                                    else CHUNK_COST.get(device.type, CHUNK_COST["cuda"]),
                                    lengths) if lengths else None
             if chunks is None or len(chunks) == 1:  # every row, in order (a run alone)
-                if masks is not None:  # each member's dropout at its own shapes
+                if masks is not None:  # each member's own dropout masks
                     masks.set_batch(batches, members)
                 batch, member_of_row = concat_batches(batches, pad_id)
                 losses += _chunk_backward(pack, batch, member_of_row, members, totals,
                                           device, bf16)
                 continue
             if masks is not None:
-                masks.start(batches, members, chunks=len(chunks))
+                masks.start(members)
             for rows in chunks:
-                batch, member_of_row, widths = gather_rows(batches, rows, pad_id, lengths)
+                batch, member_of_row, _ = gather_rows(batches, rows, pad_id, lengths)
                 if masks is not None:
-                    masks.chunk(rows, widths)
+                    masks.chunk(rows)
                 losses += _chunk_backward(pack, batch, member_of_row, members, totals,
                                           device, bf16)
     values = losses.tolist()  # one transfer for every member's loss
